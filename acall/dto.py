@@ -1,0 +1,322 @@
+"""Data transfer objects: :class:`CallDTO` and :class:`InvocationRecord`, and their codec.
+
+DTOs are what travels: a broker carries invocation records, a result store keeps them.
+They are attrs classes turned into plain dicts and JSON by a cattrs converter that
+:func:`make_converter` builds fresh (there is no global mutable converter). Reading a
+document validates it completely: a malformed one raises
+:class:`~acall.errors.DTOValidationError` naming every bad field path.
+
+JSON shapes (``docs/wire-format.md`` is the normative description)::
+
+    CallDTO          {"call_id": "mod.func:<args_id>", "serialized_arguments": {name: str}}
+    InvocationRecord {"v": 1, "invocation_id": "<32 hex>", "call": CallDTO, "queue": "default",
+                      "status": "pending", "attempt": 0, "max_retries": 0,
+                      "created_at": 1.7e9, "updated_at": 1.7e9, "not_before": null,
+                      "timeout": null, "worker_id": null, "dedup_key": null,
+                      "error": null | {"type_name": str, "message": str, "serialized": str|null},
+                      "result": null | str}
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import BaseValidationError
+
+from acall.errors import AcallError, DTOValidationError
+from acall.hashing import compute_args_id
+from acall.ids import CallId, TaskId
+
+__all__ = [
+    "RECORD_VERSION",
+    "CallDTO",
+    "DTOCodec",
+    "ErrorInfo",
+    "InvocationRecord",
+    "InvocationStatus",
+    "make_converter",
+    "new_invocation_id",
+]
+
+#: The version written in :attr:`InvocationRecord.v`. Readers accept this and older.
+RECORD_VERSION: Final = 1
+
+T = TypeVar("T")
+
+
+def _frozen_args(value: Mapping[str, str]) -> dict[str, str]:
+    return dict(value)
+
+
+@attrs.frozen(slots=True)
+class CallDTO:
+    """A call ready to travel: its identity and its serialized arguments.
+
+    ``serialized_arguments`` maps argument names to inline serialized text or to content
+    references of offloaded values.
+    """
+
+    call_id: CallId
+    serialized_arguments: dict[str, str] = attrs.field(factory=dict, converter=_frozen_args)
+
+
+class InvocationStatus(enum.StrEnum):
+    """Where an invocation is in its life. Final states: SUCCESS and FAILED."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCESS = "success"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        """True for SUCCESS and FAILED: nothing will change the invocation again."""
+        return self in (InvocationStatus.SUCCESS, InvocationStatus.FAILED)
+
+
+@attrs.frozen(slots=True)
+class ErrorInfo:
+    """How a task failed: type, message, and the serialized exception when it could be."""
+
+    type_name: str
+    message: str
+    serialized: str | None = None
+    traceback: str | None = None
+
+
+def new_invocation_id() -> str:
+    """Return a fresh random invocation id (32 lowercase hex digits)."""
+    return uuid.uuid4().hex
+
+
+@attrs.frozen(slots=True)
+class InvocationRecord:
+    """One request to run a call, and everything a worker and a client need about it.
+
+    Records are immutable; state changes produce a new record with :func:`attrs.evolve`.
+
+    :ivar v: record format version (:data:`RECORD_VERSION`).
+    :ivar invocation_id: unique id of this invocation.
+    :ivar call: the call to run.
+    :ivar queue: the queue it was submitted to.
+    :ivar status: current :class:`InvocationStatus`.
+    :ivar attempt: attempts started so far (0 before the first run).
+    :ivar max_retries: retries allowed after the first attempt fails.
+    :ivar created_at: submission time, seconds since the epoch.
+    :ivar updated_at: time of the last status change.
+    :ivar not_before: earliest time the next attempt may start (retry backoff).
+    :ivar timeout: seconds one attempt may run before it is cancelled.
+    :ivar worker_id: the worker that ran (or runs) the latest attempt.
+    :ivar dedup_key: concurrency-control key under which this invocation was registered.
+    :ivar error: why the latest attempt failed.
+    :ivar result: the serialized result (inline text or a content reference).
+    """
+
+    invocation_id: str
+    call: CallDTO
+    queue: str = "default"
+    status: InvocationStatus = InvocationStatus.PENDING
+    attempt: int = 0
+    max_retries: int = 0
+    created_at: float = attrs.field(factory=time.time)
+    updated_at: float = attrs.field(factory=time.time)
+    not_before: float | None = None
+    timeout: float | None = None
+    worker_id: str | None = None
+    dedup_key: str | None = None
+    error: ErrorInfo | None = None
+    result: str | None = None
+    v: int = RECORD_VERSION
+
+    @property
+    def call_id(self) -> CallId:
+        """Shortcut for ``record.call.call_id``."""
+        return self.call.call_id
+
+
+def _structure_task_id(value: Any, _: type) -> TaskId:
+    return TaskId.from_key(value)
+
+
+def _structure_call_id(value: Any, _: type) -> CallId:
+    return CallId.from_key(value)
+
+
+def _structure_str(value: Any, _: type) -> str:
+    # cattrs' default str hook would call str() on anything; data must already be text.
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _structure_status(value: Any, _: type) -> InvocationStatus:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return InvocationStatus(value)
+
+
+def _structure_int(value: Any, _: type) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, got {type(value).__name__}")
+    return value
+
+
+def _structure_float(value: Any, _: type) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _structure_arguments(value: Any, _: type) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object of name -> string, got {type(value).__name__}")
+    for name, text in value.items():
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise TypeError(f"argument {name!r:.60}: names and values must be strings")
+    return dict(value)
+
+
+def make_converter() -> cattrs.Converter:
+    """Build a converter for acall's DTOs (a new one each call; nothing global).
+
+    Scalars are checked strictly (no ``str(5)`` or ``int("5")`` coercion): a document
+    either has the right types or is rejected.
+    """
+    conv = cattrs.Converter(detailed_validation=True, forbid_extra_keys=False)
+    conv.register_unstructure_hook(TaskId, lambda t: t.key)
+    conv.register_structure_hook(TaskId, _structure_task_id)
+    conv.register_unstructure_hook(CallId, lambda c: c.key)
+    conv.register_structure_hook(CallId, _structure_call_id)
+    conv.register_structure_hook(str, _structure_str)
+    # Registered explicitly: the str hook above would otherwise accept any string.
+    conv.register_structure_hook(InvocationStatus, _structure_status)
+    conv.register_structure_hook(int, _structure_int)
+    conv.register_structure_hook(float, _structure_float)
+    conv.register_structure_hook_func(lambda t: t == dict[str, str], _structure_arguments)
+    return conv
+
+
+def _describe_problem(exc: BaseException, type_: Any) -> str:
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, ValueError) and isinstance(type_, type) and issubclass(type_, enum.Enum):
+        allowed = ", ".join(repr(m.value) for m in type_)
+        return f"invalid value ({exc}); expected one of {allowed}"
+    return str(exc) or type(exc).__name__
+
+
+def _flatten_errors(exc: BaseException) -> list[tuple[str, str]]:
+    """Turn a cattrs validation error into ``(field path, problem)`` pairs."""
+    out: list[tuple[str, str]] = []
+    lines = cattrs.transform_error(
+        exc,
+        path="$",
+        format_exception=_describe_problem,
+    )
+    for line in lines:
+        problem, _, path = line.rpartition(" @ ")
+        out.append((path.removeprefix("$").lstrip("."), problem or line))
+    return out
+
+
+class DTOCodec:
+    """Turns DTOs into plain dicts / JSON and back, validating everything it reads.
+
+    :param verify_args_id: when reading a :class:`CallDTO`, recompute the args_id from
+        its serialized arguments and reject a document whose call_id disagrees.
+    """
+
+    def __init__(self, *, verify_args_id: bool = True) -> None:
+        self.converter = make_converter()
+        self.verify_args_id = verify_args_id
+
+    def to_dict(self, obj: Any) -> dict[str, Any]:
+        """Unstructure a DTO to a plain dict of JSON types."""
+        data = self.converter.unstructure(obj)
+        assert isinstance(data, dict)
+        return data
+
+    def to_json(self, obj: Any) -> str:
+        """Encode a DTO as compact JSON text."""
+        return json.dumps(self.to_dict(obj), separators=(",", ":"), ensure_ascii=False)
+
+    def from_dict(self, data: Any, cls: type[T]) -> T:
+        """Structure and validate a plain dict as *cls*.
+
+        :raises DTOValidationError: naming each bad field path.
+        """
+        what = cls.__name__
+        if not isinstance(data, dict):
+            raise DTOValidationError(
+                what, [("", f"expected a JSON object, got {type(data).__name__}")]
+            )
+        if cls is InvocationRecord:
+            self._check_version(data)
+        try:
+            obj = self.converter.structure(data, cls)
+        except BaseValidationError as exc:
+            raise DTOValidationError(what, _flatten_errors(exc)) from None
+        except (AcallError, TypeError, ValueError, KeyError) as exc:
+            raise DTOValidationError(what, [("", str(exc))]) from None
+        if self.verify_args_id:
+            dto = obj.call if isinstance(obj, InvocationRecord) else obj
+            if isinstance(dto, CallDTO):
+                self._check_args_id(dto, "call." if cls is InvocationRecord else "", what)
+        return obj
+
+    def from_json(self, text: str | bytes, cls: type[T]) -> T:
+        """Parse and validate JSON text as *cls*.
+
+        :raises DTOValidationError: for text that is not JSON or a malformed document.
+        """
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise DTOValidationError(cls.__name__, [("", f"not valid JSON: {exc}")]) from None
+        return self.from_dict(data, cls)
+
+    @staticmethod
+    def _check_version(data: dict[str, Any]) -> None:
+        v = data.get("v")
+        if v is None:
+            raise DTOValidationError("InvocationRecord", [("v", "required field missing")])
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DTOValidationError("InvocationRecord", [("v", f"invalid version {v!r:.40}")])
+        if v > RECORD_VERSION:
+            raise DTOValidationError(
+                "InvocationRecord",
+                [
+                    (
+                        "v",
+                        f"version {v} was written by a newer acall (this one reads <= "
+                        f"{RECORD_VERSION}); upgrade acall on this process",
+                    )
+                ],
+            )
+
+    @staticmethod
+    def _check_args_id(dto: CallDTO, prefix: str, what: str) -> None:
+        try:
+            expected = compute_args_id(dto.serialized_arguments)
+        except AcallError as exc:
+            raise DTOValidationError(what, [(f"{prefix}serialized_arguments", str(exc))]) from None
+        if expected != dto.call_id.args_id:
+            raise DTOValidationError(
+                what,
+                [
+                    (
+                        f"{prefix}call_id",
+                        f"args_id {dto.call_id.args_id!r} does not match the serialized "
+                        f"arguments (their args_id is {expected!r}); the document was altered "
+                        "or written with a different rule",
+                    )
+                ],
+            )

@@ -1,0 +1,103 @@
+"""Identity of tasks and calls: :class:`TaskId` and :class:`CallId` and their string keys.
+
+The key formats are part of the wire format (see ``docs/wire-format.md``):
+
+* ``TaskId.key`` is ``module + "." + func_name`` and is parsed by splitting on the *last*
+  dot, so dotted module paths work;
+* ``CallId.key`` is ``task_key + ":" + args_id`` and is parsed by splitting on the *last*
+  colon.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+import attrs
+
+from acall.errors import InvalidKeyError
+
+__all__ = ["NO_ARGS", "CallId", "TaskId", "is_valid_args_id"]
+
+#: The args_id of a call without arguments.
+NO_ARGS: Final = "no_args"
+
+_ARGS_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def is_valid_args_id(args_id: str) -> bool:
+    """Return whether *args_id* has the shape the canonical rule produces."""
+    return args_id == NO_ARGS or _ARGS_ID_RE.fullmatch(args_id) is not None
+
+
+@attrs.frozen(slots=True, cache_hash=True)
+class TaskId:
+    """Identifies a task function by its module and function name."""
+
+    module: str
+    func_name: str
+
+    @property
+    def key(self) -> str:
+        """The wire key: ``module.func_name``."""
+        return f"{self.module}.{self.func_name}"
+
+    @classmethod
+    def from_key(cls, key: str) -> TaskId:
+        """Parse ``module.func_name``, splitting on the last dot.
+
+        :raises InvalidKeyError: if *key* is not a string with a non-empty module and name.
+        """
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"task key must be a str, got {type(key).__name__}: {key!r:.80}")
+        module, dot, func_name = key.rpartition(".")
+        if not dot or not module or not func_name:
+            raise InvalidKeyError(
+                f"malformed task key {key!r:.200}: expected 'module.func_name' "
+                "(for example 'myapp.tasks.add')"
+            )
+        return cls(module, func_name)
+
+    def __str__(self) -> str:
+        return self.key
+
+
+@attrs.frozen(slots=True, cache_hash=True)
+class CallId:
+    """Identifies one call: a task and the ``args_id`` of its serialized arguments."""
+
+    task_id: TaskId
+    args_id: str
+
+    @property
+    def key(self) -> str:
+        """The wire key: ``task_key:args_id``."""
+        return f"{self.task_id.key}:{self.args_id}"
+
+    @classmethod
+    def from_key(cls, key: str) -> CallId:
+        """Parse ``module.func_name:args_id``, splitting on the last colon.
+
+        :raises InvalidKeyError: if the key is malformed or the args_id is neither
+            ``no_args`` nor 64 lowercase hex digits.
+        """
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"call key must be a str, got {type(key).__name__}: {key!r:.80}")
+        task_key, colon, args_id = key.rpartition(":")
+        if not colon:
+            raise InvalidKeyError(
+                f"malformed call key {key!r:.200}: expected 'module.func_name:args_id'"
+            )
+        if not is_valid_args_id(args_id):
+            raise InvalidKeyError(
+                f"malformed call key {key!r:.200}: args_id {args_id!r:.80} is neither "
+                "'no_args' nor 64 lowercase hex digits"
+            )
+        try:
+            task_id = TaskId.from_key(task_key)
+        except InvalidKeyError as exc:
+            raise InvalidKeyError(f"malformed call key {key!r:.200}: {exc}") from None
+        return cls(task_id, args_id)
+
+    def __str__(self) -> str:
+        return self.key
