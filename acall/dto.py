@@ -23,12 +23,13 @@ import enum
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final, TypeVar
 
 import attrs
 import cattrs
 from cattrs.errors import BaseValidationError
+from cattrs.gen import make_dict_structure_fn
 
 from acall.errors import AcallError, DTOValidationError
 from acall.hashing import compute_args_id
@@ -184,6 +185,24 @@ def _structure_arguments(value: Any, _: type) -> dict[str, str]:
     return dict(value)
 
 
+def _object_structure_factory(cls: type, conv: cattrs.Converter) -> Callable[[Any, type], Any]:
+    """Generated attrs hooks, preceded by a check that the document is an object.
+
+    Without it a string where an object belongs fails deep inside with "string indices
+    must be integers", blamed on the first field instead of the object itself.
+    """
+    inner: Callable[[Any, Any], Any] = make_dict_structure_fn(
+        cls, conv, _cattrs_forbid_extra_keys=False
+    )
+
+    def structure(value: Any, type_: type) -> Any:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        return inner(value, type_)
+
+    return structure
+
+
 def make_converter() -> cattrs.Converter:
     """Build a converter for acall's DTOs (a new one each call; nothing global).
 
@@ -194,6 +213,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(TaskId, lambda t: t.key)
     conv.register_structure_hook(TaskId, _structure_task_id)
     conv.register_unstructure_hook(CallId, lambda c: c.key)
+    conv.register_unstructure_hook(InvocationStatus, lambda s: s.value)
+    conv.register_structure_hook_factory(attrs.has, _object_structure_factory)
     conv.register_structure_hook(CallId, _structure_call_id)
     conv.register_structure_hook(str, _structure_str)
     # Registered explicitly: the str hook above would otherwise accept any string.

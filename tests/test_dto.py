@@ -1,0 +1,184 @@
+"""DTOs: JSON round trips, versioning and one error type naming the field path."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from acall import (
+    CallDTO,
+    CallId,
+    DTOCodec,
+    DTOValidationError,
+    ErrorInfo,
+    InvocationRecord,
+    InvocationStatus,
+    TaskId,
+    compute_args_id,
+)
+from acall.dto import RECORD_VERSION, make_converter, new_invocation_id
+
+ARGS = {"x": "1", "name": '"ada"', "blob": "__pynenc__client_data__:" + "ab" * 32}
+CALL = CallDTO(CallId(TaskId("app.tasks", "work"), compute_args_id(ARGS)), ARGS)
+
+
+@pytest.fixture
+def codec() -> DTOCodec:
+    return DTOCodec()
+
+
+def _record(**changes: Any) -> InvocationRecord:
+    base = InvocationRecord(invocation_id=new_invocation_id(), call=CALL)
+    return attrs.evolve(base, **changes)
+
+
+def test_call_dto_json_shape(codec: DTOCodec) -> None:
+    assert codec.to_dict(CALL) == {
+        "call_id": f"app.tasks.work:{CALL.call_id.args_id}",
+        "serialized_arguments": ARGS,
+    }
+    assert codec.from_json(codec.to_json(CALL), CallDTO) == CALL
+
+
+def test_invocation_record_round_trip(codec: DTOCodec) -> None:
+    rec = _record(
+        status=InvocationStatus.FAILED,
+        attempt=3,
+        max_retries=5,
+        not_before=1.5,
+        timeout=2.0,
+        worker_id="w1",
+        dedup_key="k",
+        error=ErrorInfo("ValueError", "bad", '{"x": 1}', "Traceback..."),
+        result='"ok"',
+    )
+    text = codec.to_json(rec)
+    assert json.loads(text)["v"] == RECORD_VERSION
+    assert codec.from_json(text, InvocationRecord) == rec
+    assert codec.from_json(text.encode(), InvocationRecord) == rec
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility(codec: DTOCodec) -> None:
+    data = codec.to_dict(_record())
+    data["added_by_a_later_version"] = {"anything": 1}
+    assert codec.from_dict(data, InvocationRecord).invocation_id == data["invocation_id"]
+
+
+def test_converters_are_independent() -> None:
+    a, b = make_converter(), make_converter()
+    assert a is not b
+    b.register_unstructure_hook(TaskId, lambda t: "changed")
+    assert a.unstructure(TaskId("m", "f")) == "m.f"
+
+
+def test_status_finality() -> None:
+    assert InvocationStatus.SUCCESS.is_final
+    assert InvocationStatus.FAILED.is_final
+    assert not InvocationStatus.RETRYING.is_final
+
+
+def _good() -> dict[str, Any]:
+    return DTOCodec().to_dict(_record())
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    doc = _good()
+    *parents, last = path.split(".")
+    node = doc
+    for part in parents:
+        node = node[part]
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+# (document, field path that the error must name)
+BAD_RECORDS: list[tuple[Any, str]] = [
+    (_with("v", _DELETE), "v"),
+    (_with("v", "1"), "v"),
+    (_with("v", 0), "v"),
+    (_with("v", RECORD_VERSION + 1), "v"),
+    (_with("invocation_id", _DELETE), "invocation_id"),
+    (_with("invocation_id", 17), "invocation_id"),
+    (_with("call", _DELETE), "call"),
+    (_with("call", "m.f:no_args"), "call"),
+    (_with("call.call_id", _DELETE), "call.call_id"),
+    (_with("call.call_id", "no-colon"), "call.call_id"),
+    (_with("call.call_id", "nodot:no_args"), "call.call_id"),
+    (_with("call.call_id", "m.f:" + "Z" * 64), "call.call_id"),
+    (_with("call.call_id", "m.f:" + "0" * 64), "call.call_id"),  # wrong args_id for the args
+    (_with("call.call_id", 5), "call.call_id"),
+    (_with("call.serialized_arguments", ["x"]), "call.serialized_arguments"),
+    (_with("call.serialized_arguments", {"x": 1}), "call.serialized_arguments"),
+    (_with("call.serialized_arguments", {"x": "\ud800"}), "call.serialized_arguments"),
+    (_with("status", "exploded"), "status"),
+    (_with("status", 1), "status"),
+    (_with("attempt", "3"), "attempt"),
+    (_with("attempt", True), "attempt"),
+    (_with("attempt", 1.5), "attempt"),
+    (_with("created_at", "yesterday"), "created_at"),
+    (_with("not_before", []), "not_before"),
+    (_with("error", {"type_name": "X"}), "error.message"),
+    (_with("error", {"type_name": 1, "message": "m"}), "error.type_name"),
+    (_with("result", 42), "result"),
+    (_with("queue", None), "queue"),
+]
+
+
+@pytest.mark.parametrize(("doc", "path"), BAD_RECORDS)
+def test_bad_records_name_the_field(codec: DTOCodec, doc: Any, path: str) -> None:
+    with pytest.raises(DTOValidationError) as info:
+        codec.from_dict(doc, InvocationRecord)
+    paths = [p for p, _ in info.value.errors]
+    assert path in paths, info.value.errors
+    assert path in str(info.value)
+
+
+def test_several_bad_fields_are_all_reported(codec: DTOCodec) -> None:
+    doc = _good()
+    doc["attempt"] = "x"
+    doc["queue"] = 3
+    doc["call"]["call_id"] = "broken"
+    with pytest.raises(DTOValidationError) as info:
+        codec.from_dict(doc, InvocationRecord)
+    assert {p for p, _ in info.value.errors} >= {"attempt", "queue", "call.call_id"}
+
+
+@pytest.mark.parametrize("text", ["", "nope", "[]", "null", "42", '"str"', "{", '{"call_id": 1}'])
+def test_bad_json_text(codec: DTOCodec, text: str) -> None:
+    with pytest.raises(DTOValidationError):
+        codec.from_json(text, CallDTO)
+    with pytest.raises(DTOValidationError):
+        codec.from_json(text, InvocationRecord)
+
+
+def test_args_id_check_can_be_disabled() -> None:
+    doc = DTOCodec().to_dict(CALL)
+    doc["call_id"] = "app.tasks.work:" + "0" * 64
+    with pytest.raises(DTOValidationError):
+        DTOCodec().from_dict(doc, CallDTO)
+    assert DTOCodec(verify_args_id=False).from_dict(doc, CallDTO).call_id.args_id == "0" * 64
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+        lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=10), c, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_any_json_either_decodes_or_raises_dto_error(doc: Any) -> None:
+    codec = DTOCodec()
+    for cls in (CallDTO, InvocationRecord):
+        with contextlib.suppress(DTOValidationError):
+            codec.from_dict(doc, cls)
