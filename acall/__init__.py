@@ -6,7 +6,24 @@ every call is identified by the canonical SHA-256 ``args_id`` shared with pynenc
 rustvello.
 """
 
-from acall.dto import CallDTO, DTOCodec, ErrorInfo, InvocationRecord, InvocationStatus
+from acall.calls import (
+    Call,
+    ConcurrencyMode,
+    LazyCall,
+    PreSerializedCall,
+    TaskSpec,
+)
+from acall.codec import (
+    OffloadCodec,
+    OffloadSettings,
+)
+from acall.dto import (
+    CallDTO,
+    DTOCodec,
+    ErrorInfo,
+    InvocationRecord,
+    InvocationStatus,
+)
 from acall.errors import (
     AcallError,
     ArgumentTypeError,
@@ -18,7 +35,9 @@ from acall.errors import (
     ConfigurationError,
     DeserializationError,
     DTOValidationError,
+    InvalidArgumentsError,
     InvalidKeyError,
+    NotSerializedError,
     RemoteTaskError,
     ResultTimeoutError,
     SerializationError,
@@ -28,9 +47,23 @@ from acall.errors import (
     UnknownTaskError,
     UnsafePayloadError,
 )
-from acall.hashing import compute_args_id
-from acall.ids import CallId, TaskId
-from acall.serializers import JsonSerializable, JsonSerializer, PickleSerializer, Serializer
+from acall.hashing import (
+    compute_args_id,
+)
+from acall.ids import (
+    CallId,
+    TaskId,
+)
+from acall.serializers import (
+    JsonSerializable,
+    JsonSerializer,
+    PickleSerializer,
+    Serializer,
+)
+from acall.stores import (
+    Store,
+    open_store,
+)
 
 __all__ = [
     "AcallError",
@@ -39,29 +72,40 @@ __all__ = [
     "BlobNotFoundError",
     "BrokerError",
     "BrokerUnavailableError",
+    "Call",
     "CallDTO",
     "CallId",
     "CallSerializationError",
+    "ConcurrencyMode",
     "ConfigurationError",
     "DTOCodec",
     "DTOValidationError",
     "DeserializationError",
     "ErrorInfo",
+    "InvalidArgumentsError",
     "InvalidKeyError",
     "InvocationRecord",
     "InvocationStatus",
     "JsonSerializable",
     "JsonSerializer",
+    "LazyCall",
+    "NotSerializedError",
+    "OffloadCodec",
+    "OffloadSettings",
     "PickleSerializer",
+    "PreSerializedCall",
     "RemoteTaskError",
     "ResultTimeoutError",
     "SerializationError",
     "Serializer",
+    "Store",
     "StoreError",
     "StoreUnavailableError",
     "TaskError",
     "TaskId",
+    "TaskSpec",
     "UnknownTaskError",
     "UnsafePayloadError",
     "compute_args_id",
+    "open_store",
 ]

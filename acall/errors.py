@@ -13,7 +13,9 @@ task, the argument, the field or the reference where one exists.
     │   └── CallSerializationError  one or more arguments of a call failed (lists each)
     ├── DeserializationError        stored text could not be decoded
     │   └── UnsafePayloadError      an envelope named something acall refuses to load
-    ├── ArgumentTypeError           a loaded value does not fit the parameter annotation
+    ├── InvalidArgumentsError       arguments do not bind to the task's signature
+    ├── ArgumentTypeError           a value does not fit its parameter annotation
+    ├── NotSerializedError          identity asked of a call not serialized yet
     ├── DTOValidationError          a DTO / invocation record document is malformed
     ├── StoreError                  data-store failures
     │   ├── BlobNotFoundError       a referenced value is missing from the store
@@ -45,7 +47,9 @@ __all__ = [
     "ConfigurationError",
     "DTOValidationError",
     "DeserializationError",
+    "InvalidArgumentsError",
     "InvalidKeyError",
+    "NotSerializedError",
     "RemoteTaskError",
     "ResultTimeoutError",
     "SerializationError",
@@ -89,7 +93,7 @@ class CallSerializationError(SerializationError):
     :ivar failures: ``(argument name, error)`` for each failing argument.
     """
 
-    def __init__(self, task_key: str, failures: Sequence[tuple[str, SerializationError]]) -> None:
+    def __init__(self, task_key: str, failures: Sequence[tuple[str, Exception]]) -> None:
         lines = [f"  - argument {name!r}: {err}" for name, err in failures]
         count = len(failures)
         noun = "argument" if count == 1 else "arguments"
@@ -111,8 +115,16 @@ class UnsafePayloadError(DeserializationError):
     """
 
 
+class InvalidArgumentsError(AcallError, TypeError):
+    """Arguments do not bind to the task function's signature (missing, unexpected...)."""
+
+
 class ArgumentTypeError(AcallError, TypeError):
-    """A loaded argument cannot be structured to its parameter's annotation."""
+    """A value cannot be converted to or from its parameter's annotation."""
+
+
+class NotSerializedError(AcallError, RuntimeError):
+    """A call's identity was asked for before ``await call.serialize()``."""
 
 
 class DTOValidationError(AcallError, ValueError):

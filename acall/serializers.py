@@ -23,6 +23,7 @@ import base64
 import builtins
 import importlib
 import json
+import marshal
 import pickle
 import sys
 from collections.abc import Callable, Collection, Iterator
@@ -69,7 +70,7 @@ class Serializer(Protocol):
     """
 
     #: Short name recorded next to stored data, e.g. ``"json"``.
-    name: str
+    name: ClassVar[str]
 
     def dumps(self, obj: Any) -> str:
         """Encode *obj* as text."""
@@ -161,23 +162,32 @@ def _default(obj: Any) -> Any:
 _SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 
 
+# Each C-level pass below touches at most this many items, so a thread running the scan
+# returns to the interpreter (and can hand over the GIL) every few milliseconds.
+_SCAN_SLICE: Final = 32768
+# Deeper than this, the scan gives up and lets the exact pre-pass decide; only a cycle
+# (which the pre-pass reports as an error) or absurd nesting gets there.
+_SCAN_DEPTH: Final = 200
+
+
 def _needs_enum_pass(obj: Any) -> bool:
     """Return whether *obj* may hold an enum member the C encoder would write natively.
 
     pynenc wraps every ``Enum`` member reachable through dicts, lists and tuples in an
     envelope, including ``IntEnum``/``StrEnum`` members that the C encoder would otherwise
     write as plain numbers or strings. Finding out needs a walk, but not a Python-level
-    one: each level of the tree is scanned with ``map``/``compress``/``chain`` (C loops),
-    so the cost is a small fraction of encoding. Shared or cyclic containers also answer
-    True: the exact pre-pass then handles them (and reports cycles).
+    one: the tree is scanned in slices with ``map``/``compress``/``chain`` (C loops), so
+    the cost is a small fraction of encoding.
     """
-    level: list[Any] = [obj]
-    seen = 0
-    seen_ids: set[int] = set()
-    while level:
-        types = set(map(type, level)) - _SCALARS
+    pending: list[tuple[int, list[Any]]] = [(0, [obj])]
+    while pending:
+        depth, part = pending.pop()
+        all_types = set(map(type, part))
+        types = all_types - _SCALARS
         if not types:
-            return False
+            continue
+        if depth > _SCAN_DEPTH:
+            return True
         dict_types: set[type] = set()
         seq_types: set[type] = set()
         for t in types:
@@ -188,19 +198,34 @@ def _needs_enum_pass(obj: Any) -> bool:
             elif issubclass(t, (list, tuple)):
                 seq_types.add(t)
         if not dict_types and not seq_types:
-            return False
-        level_types = list(map(type, level))
-        dicts = list(compress(level, map(dict_types.__contains__, level_types)))
-        seqs = list(compress(level, map(seq_types.__contains__, level_types)))
-        seen_ids.update(map(id, dicts))
-        seen_ids.update(map(id, seqs))
-        seen += len(dicts) + len(seqs)
-        if len(seen_ids) != seen:
-            return True
-        nxt = list(chain.from_iterable(map(dict.values, dicts)))
-        nxt.extend(chain.from_iterable(seqs))
-        level = nxt
+            continue
+        if all_types == dict_types:
+            # The common case, a slice of dicts only: no filtering needed.
+            children: Iterator[Any] = chain.from_iterable(map(dict.values, part))
+        else:
+            part_types = list(map(type, part))
+            dicts = compress(part, map(dict_types.__contains__, part_types))
+            seqs = compress(part, map(seq_types.__contains__, part_types))
+            children = chain(
+                chain.from_iterable(map(dict.values, dicts)), chain.from_iterable(seqs)
+            )
+        while chunk := list(islice(children, _SCAN_SLICE)):
+            pending.append((depth + 1, chunk))
     return False
+
+
+def _is_plain(obj: Any) -> bool:
+    """Whether *obj* is built only of exact builtin types (so it holds no enum member).
+
+    ``marshal`` accepts exact ``dict``/``list``/``tuple``/``str``/``int``/``float``/...
+    and refuses subclasses and any other object, in C, several times faster than even
+    the sliced scan; when it refuses, the scan decides.
+    """
+    try:
+        marshal.dumps(obj)
+    except (ValueError, TypeError, RecursionError):
+        return False
+    return True
 
 
 def _enum_pass(obj: Any) -> Any:
@@ -246,9 +271,7 @@ class JsonSerializer:
             that cannot be encoded.
         """
         try:
-            if type(obj) not in _SCALARS and _needs_enum_pass(obj):
-                obj = _enum_pass(obj)
-            return str(self._encoder.encode(obj))
+            return self._encode(obj)
         except SerializationError:
             raise
         except RecursionError:
@@ -271,8 +294,6 @@ class JsonSerializer:
         Each piece here costs about :attr:`chunk_chars` characters of work.
         """
         try:
-            if type(obj) not in _SCALARS and _needs_enum_pass(obj):
-                obj = _enum_pass(obj)
             yield from self._iter_encode(obj)
         except SerializationError:
             raise
@@ -292,8 +313,16 @@ class JsonSerializer:
     # a single huge item (a 100 MB string under one key) still gets split.
     _FEW: ClassVar[int] = 64
 
+    def _encode(self, obj: Any) -> str:
+        """One C-encoder call, after pynenc's enum pre-pass where it changes anything."""
+        if type(obj) not in _SCALARS and not _is_plain(obj) and _needs_enum_pass(obj):
+            obj = _enum_pass(obj)
+        return str(self._encoder.encode(obj))
+
     def _iter_encode(self, obj: Any) -> Iterator[str]:
-        encode = self._encoder.encode
+        # Enum members are wrapped per piece (the pre-pass commutes with slicing), so no
+        # pass over the whole value ever holds the GIL at once.
+        encode = self._encode
         target = self.chunk_chars
         if isinstance(obj, str):
             if len(obj) <= target or isinstance(obj, Enum):

@@ -451,3 +451,49 @@ def test_pickle_errors_are_acall_errors() -> None:
 def test_pickle_is_documented_as_unsafe() -> None:
     assert PickleSerializer.__doc__ is not None
     assert "Unsafe for untrusted data" in PickleSerializer.__doc__
+
+
+def _reference_dumps(obj: Any) -> str:
+    """pynenc's algorithm as documented: wrap enums everywhere, then json.dumps."""
+
+    def pre(o: Any) -> Any:
+        if isinstance(o, Enum):
+            cls = type(o)
+            return {
+                "__pynenc__enum__": {
+                    "module": cls.__module__,
+                    "qualname": cls.__qualname__,
+                    "value": o.value,
+                }
+            }
+        if isinstance(o, dict):
+            return {k: pre(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return [pre(i) for i in o]
+        return o
+
+    return json.dumps(pre(obj))
+
+
+enum_members = st.sampled_from(
+    [cases_mod.Level.LOW, cases_mod.Level.HIGH, cases_mod.Mode.FAST, cases_mod.Color.RED]
+)
+mixed_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5) | enum_members,
+    lambda children: (
+        st.lists(children, max_size=80)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=4), children, max_size=80)
+    ),
+    max_leaves=200,
+)
+
+
+@given(mixed_values)
+def test_property_enums_anywhere_match_pynenc_algorithm(value: Any) -> None:
+    ser = JsonSerializer()
+    expected = _reference_dumps(value)
+    assert ser.dumps(value) == expected
+    small = JsonSerializer()
+    small.chunk_chars = 16  # type: ignore[misc]
+    assert "".join(small.iter_dumps(value)) == expected

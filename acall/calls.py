@@ -1,0 +1,584 @@
+"""Calls: :class:`Call`, :class:`LazyCall` and :class:`PreSerializedCall`.
+
+* :class:`Call` is built client-side from a task and its arguments. ``await
+  call.serialize()`` encodes every argument concurrently (small ones inline on the loop,
+  large ones in worker threads) and offloads large values, overlapping the store writes
+  with the remaining encoding. The result is computed once; concurrent awaits share it.
+* :class:`LazyCall` is built worker-side from a :class:`~acall.dto.CallDTO` without
+  decoding anything: its identity costs no I/O. ``await call.arguments()`` fetches every
+  reference in one batched round trip; ``await call.argument(name)`` loads just one.
+* :class:`PreSerializedCall` belongs to a batch whose common arguments were serialized
+  (and offloaded) once; only its own arguments are encoded per call.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from acall._concurrency import SingleFlight
+from acall.codec import THREAD_MIN_CHARS, OffloadCodec, Prepared, estimate_chars
+from acall.dto import CallDTO
+from acall.errors import (
+    ArgumentTypeError,
+    BlobCorruptedError,
+    BlobNotFoundError,
+    CallSerializationError,
+    DeserializationError,
+    InvalidArgumentsError,
+    NotSerializedError,
+    SerializationError,
+)
+from acall.hashing import REFERENCE_PREFIX, compute_args_id
+from acall.ids import CallId, TaskId
+from acall.typed import ParamTypes
+
+__all__ = [
+    "Call",
+    "ConcurrencyMode",
+    "LazyCall",
+    "PreSerializedCall",
+    "TaskSpec",
+]
+
+R = TypeVar("R")
+
+
+class ConcurrencyMode(enum.StrEnum):
+    """Which calls count as "the same" for concurrency control (as in pynenc).
+
+    * ``DISABLED`` — no control;
+    * ``TASK`` — one per task, whatever the arguments;
+    * ``ARGUMENTS`` — one per distinct set of all arguments;
+    * ``KEYS`` — one per distinct value of the task's key arguments.
+    """
+
+    DISABLED = "disabled"
+    TASK = "task"
+    ARGUMENTS = "arguments"
+    KEYS = "keys"
+
+
+_EMPTY = inspect.Parameter.empty
+
+
+class TaskSpec:
+    """What calls need to know about a task: identity, signature, types, options.
+
+    :param func: the task function (``None`` for a task known only by id, e.g. a
+        worker receiving calls for a function it cannot import).
+    :param task_id: defaults to the function's module and qualified name.
+    :param key_arguments: argument names forming the key in ``ConcurrencyMode.KEYS``.
+    :param disable_offload: argument names never offloaded (``"*"`` for all).
+    """
+
+    __slots__ = (
+        "_defaults",
+        "_names",
+        "_simple",
+        "disable_offload",
+        "func",
+        "key_arguments",
+        "param_types",
+        "signature",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        func: Callable[..., Any] | None,
+        *,
+        task_id: TaskId | None = None,
+        key_arguments: Sequence[str] = (),
+        disable_offload: Iterable[str] = (),
+    ) -> None:
+        if task_id is None:
+            if func is None:
+                raise ValueError("TaskSpec needs a function or a task_id")
+            task_id = TaskId(func.__module__, func.__qualname__)
+        self.func = func
+        self.task_id = task_id
+        self.key_arguments = tuple(key_arguments)
+        self.disable_offload = frozenset(disable_offload)
+        self.signature = inspect.signature(func) if func is not None else None
+        self.param_types = ParamTypes(func, task_key=task_id.key) if func is not None else None
+        params = list(self.signature.parameters.values()) if self.signature else []
+        self._names = tuple(p.name for p in params)
+        self._defaults = {p.name: p.default for p in params if p.default is not _EMPTY}
+        # Plain positional-or-keyword parameters bind with a dict and a zip; anything
+        # else (*args, **kwargs, keyword-only, positional-only) goes through inspect.
+        self._simple = all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        unknown = set(self.key_arguments) - set(self._names) if func is not None else set()
+        if unknown:
+            raise InvalidArgumentsError(
+                f"task {task_id.key!r}: key_arguments {sorted(unknown)} are not parameters "
+                f"of the function (it has {list(self._names)})"
+            )
+
+    @property
+    def key(self) -> str:
+        """The task key (``module.func_name``)."""
+        return self.task_id.key
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """Bind call arguments to the signature, defaults applied (pynenc's rule).
+
+        :raises InvalidArgumentsError: as Python would raise TypeError, naming the task.
+        """
+        if self.signature is None:
+            if args:
+                raise InvalidArgumentsError(
+                    f"task {self.key!r} is known only by id: pass arguments by keyword"
+                )
+            return dict(kwargs)
+        if not self._simple:
+            try:
+                bound = self.signature.bind(*args, **kwargs)
+            except TypeError as exc:
+                raise InvalidArgumentsError(f"task {self.key!r}: {exc}") from None
+            bound.apply_defaults()
+            return dict(bound.arguments)
+        names = self._names
+        if len(args) > len(names):
+            raise InvalidArgumentsError(
+                f"task {self.key!r}: takes {len(names)} positional arguments but "
+                f"{len(args)} were given"
+            )
+        out = dict(zip(names, args, strict=False))
+        for name, value in kwargs.items():
+            if name in out:
+                raise InvalidArgumentsError(
+                    f"task {self.key!r}: got multiple values for argument {name!r}"
+                )
+            out[name] = value
+        if len(out) == len(names) and not kwargs:
+            return out
+        extra = out.keys() - set(names)
+        if extra:
+            raise InvalidArgumentsError(
+                f"task {self.key!r}: got unexpected keyword arguments {sorted(extra)}"
+            )
+        result = {}
+        for name in names:
+            if name in out:
+                result[name] = out[name]
+            elif name in self._defaults:
+                result[name] = self._defaults[name]
+            else:
+                missing = [n for n in names if n not in out and n not in self._defaults]
+                raise InvalidArgumentsError(
+                    f"task {self.key!r}: missing required arguments {missing}"
+                )
+        return result
+
+    def offload_allowed(self, codec: OffloadCodec, name: str) -> bool:
+        """Whether argument *name* may be offloaded (task and codec settings combined)."""
+        if "*" in self.disable_offload or name in self.disable_offload:
+            return False
+        return codec.settings.offload_allowed(name)
+
+
+def _with_call_context(exc: Exception, name: str, call_key: str) -> Exception:
+    """The same error type, its message prefixed with the argument and the call."""
+    prefix = f"argument {name!r} of call {call_key}: "
+    if isinstance(exc, (BlobNotFoundError, BlobCorruptedError)):
+        return type(exc)(prefix + str(exc), reference=exc.reference)
+    if isinstance(exc, DeserializationError):
+        return type(exc)(prefix + str(exc))
+    return exc
+
+
+class _CallBase(Generic[R]):
+    """Identity shared by every call flavour: equality and hash by call id."""
+
+    __slots__ = ("codec", "spec")
+
+    spec: TaskSpec
+    codec: OffloadCodec
+
+    @property
+    def task_id(self) -> TaskId:
+        """The task this call runs."""
+        return self.spec.task_id
+
+    @property
+    def serialized_arguments(self) -> Mapping[str, str]:
+        """Argument name -> inline text or reference."""
+        raise NotImplementedError
+
+    @property
+    def args_id(self) -> str:
+        """The canonical args_id of the serialized arguments."""
+        raise NotImplementedError
+
+    @property
+    def call_id(self) -> CallId:
+        """Task and args_id together."""
+        return CallId(self.spec.task_id, self.args_id)
+
+    def to_dto(self) -> CallDTO:
+        """The call as a :class:`~acall.dto.CallDTO`."""
+        return CallDTO(self.call_id, dict(self.serialized_arguments))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _CallBase):
+            return NotImplemented
+        return self.call_id == other.call_id
+
+    def __hash__(self) -> int:
+        return hash(self.call_id)
+
+
+class Call(_CallBase[R]):
+    """A client-side call: a task and its (bound) Python arguments.
+
+    Identity (``args_id``, ``call_id``, ``to_dto()``, equality, hashing) follows from the
+    serialized arguments, so it is available after ``await call.serialize()``;
+    asking before raises :class:`~acall.errors.NotSerializedError`.
+    """
+
+    __slots__ = ("_args_id", "_arguments", "_done", "_flight", "_serialized")
+
+    def __init__(self, spec: TaskSpec, codec: OffloadCodec, arguments: Mapping[str, Any]) -> None:
+        self.spec = spec
+        self.codec = codec
+        self._arguments = dict(arguments)
+        self._done: dict[str, str] = {}
+        self._serialized: dict[str, str] | None = None
+        self._args_id: str | None = None
+        self._flight: SingleFlight[int, dict[str, str]] | None = None
+
+    @classmethod
+    def from_args(
+        cls, spec: TaskSpec, codec: OffloadCodec, /, *args: Any, **kwargs: Any
+    ) -> Call[R]:
+        """Bind ``*args, **kwargs`` to the task's signature (defaults applied)."""
+        return cls(spec, codec, spec.bind(args, kwargs))
+
+    @property
+    def arguments(self) -> Mapping[str, Any]:
+        """The bound Python arguments."""
+        return self._arguments
+
+    @property
+    def arg_keys(self) -> frozenset[str]:
+        """Argument names."""
+        return frozenset(self._arguments)
+
+    @property
+    def is_serialized(self) -> bool:
+        """Whether :meth:`serialize` has completed."""
+        return self._serialized is not None
+
+    @property
+    def serialized_arguments(self) -> Mapping[str, str]:
+        """The serialized arguments (after :meth:`serialize`)."""
+        if self._serialized is None:
+            raise NotSerializedError(
+                f"call of task {self.spec.key!r} is not serialized yet: await call.serialize() "
+                "before asking for its identity"
+            )
+        return self._serialized
+
+    @property
+    def args_id(self) -> str:
+        """The canonical args_id (after :meth:`serialize`)."""
+        if self._args_id is None:
+            self._args_id = compute_args_id(self.serialized_arguments)
+        return self._args_id
+
+    async def serialize(self) -> Mapping[str, str]:
+        """Serialize (and offload) every argument once; concurrent awaits share the work.
+
+        :raises CallSerializationError: listing *every* argument that failed, with the
+            task, the argument, the type and a truncated repr.
+        :raises StoreError: when writing an offloaded value fails.
+        """
+        if self._serialized is not None:
+            return self._serialized
+        if self._flight is None:
+            self._flight = SingleFlight()
+        return await self._flight.run(0, self._serialize_all)
+
+    async def _serialize_all(self) -> dict[str, str]:
+        if self._serialized is None:
+            await self._encode(self._pending_names())
+            self._serialized = {name: self._done[name] for name in self._names_in_order()}
+        return self._serialized
+
+    def _pending_names(self) -> list[str]:
+        return [n for n in self._arguments if n not in self._done]
+
+    def _names_in_order(self) -> list[str]:
+        return list(self._arguments)
+
+    async def serialized_args_for_concurrency_control(
+        self, mode: ConcurrencyMode
+    ) -> dict[str, str] | None:
+        """The serialized arguments that identify this call under *mode*.
+
+        ``DISABLED``/``TASK`` need none (``None``); ``ARGUMENTS`` needs all of them;
+        ``KEYS`` encodes *only* the task's key arguments (results are kept, so a later
+        full serialization does not encode them again).
+        """
+        if mode in (ConcurrencyMode.DISABLED, ConcurrencyMode.TASK):
+            return None
+        if mode is ConcurrencyMode.ARGUMENTS:
+            return dict(await self.serialize())
+        keys = self.spec.key_arguments
+        missing = [k for k in keys if k not in self._done]
+        if missing:
+            await self._encode([k for k in missing if k in self._arguments])
+        return {k: self._done[k] for k in keys if k in self._done}
+
+    async def _encode(self, names: list[str]) -> None:
+        """Encode *names* into ``self._done``: small on the loop, large in threads."""
+        spec, codec = self.spec, self.codec
+        types = spec.param_types
+        failures: list[tuple[str, Exception]] = []
+        to_commit: list[tuple[str, Prepared]] = []
+        large: list[tuple[str, Any, bool]] = []
+        for name in names:
+            value = self._arguments[name]
+            offload = spec.offload_allowed(codec, name)
+            try:
+                if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
+                    large.append((name, value, offload))
+                    continue
+                if types:
+                    value = types.unstructure(name, value)
+                prep = codec.prepare_small(value, offload=offload)
+            except Exception as exc:
+                failures.append((name, exc))
+                continue
+            if prep.inline is not None:
+                codec.stats["inline_chars"] += len(prep.inline)
+                self._done[name] = prep.inline
+            else:
+                to_commit.append((name, prep))
+        if to_commit or large:
+            async with anyio.create_task_group() as tg:
+                for name, prep in to_commit:
+                    tg.start_soon(self._commit, name, prep, failures)
+                for name, value, offload in large:
+                    tg.start_soon(self._encode_large, name, value, offload, failures)
+        if failures:
+            self._raise(failures)
+
+    async def _commit(
+        self, name: str, prep: Prepared, failures: list[tuple[str, Exception]]
+    ) -> None:
+        try:
+            self._done[name] = await self.codec.commit(prep)
+        except Exception as exc:
+            failures.append((name, exc))
+
+    async def _encode_large(
+        self, name: str, value: Any, offload: bool, failures: list[tuple[str, Exception]]
+    ) -> None:
+        types = self.spec.param_types
+        transform = (lambda v: types.unstructure(name, v)) if types else None
+        try:
+            prep = await self.codec.prepare_large(value, offload=offload, transform=transform)
+            self._done[name] = await self.codec.commit(prep)
+        except Exception as exc:
+            failures.append((name, exc))
+
+    def _raise(self, failures: list[tuple[str, Exception]]) -> None:
+        # Store and other infrastructure errors are not the arguments' fault: raise the
+        # first of them as it is. Otherwise report every failing argument at once.
+        for _, exc in failures:
+            if not isinstance(exc, SerializationError | ArgumentTypeError):
+                raise exc
+        raise CallSerializationError(self.spec.key, failures) from failures[0][1]
+
+    def __repr__(self) -> str:
+        return f"Call({self.spec.key}, arguments={sorted(self._arguments)})"
+
+
+class PreSerializedCall(Call[R]):
+    """A call of a batch whose common arguments were serialized once.
+
+    Build batches with :meth:`batch`; only each call's own arguments are encoded per
+    call, the shared ones (and their offloaded blobs) are reused as they are.
+    """
+
+    __slots__ = ("_common",)
+
+    def __init__(
+        self,
+        spec: TaskSpec,
+        codec: OffloadCodec,
+        common_serialized: Mapping[str, str],
+        other_args: Mapping[str, Any],
+    ) -> None:
+        super().__init__(spec, codec, other_args)
+        self._common = common_serialized
+        self._done.update(common_serialized)
+
+    @classmethod
+    async def serialize_common(
+        cls, spec: TaskSpec, codec: OffloadCodec, common_args: Mapping[str, Any]
+    ) -> dict[str, str]:
+        """Serialize (and offload) the shared arguments of a batch, once."""
+        shared: Call[Any] = Call(spec, codec, common_args)
+        return dict(await shared.serialize())
+
+    @classmethod
+    async def batch(
+        cls,
+        spec: TaskSpec,
+        codec: OffloadCodec,
+        common_args: Mapping[str, Any],
+        per_call: Iterable[Mapping[str, Any]],
+    ) -> list[PreSerializedCall[R]]:
+        """Build one call per mapping in *per_call*, sharing *common_args*.
+
+        Each call's arguments are the common ones updated with its own, bound to the
+        signature with defaults applied. Nothing per call is serialized yet.
+        """
+        common_serialized = await cls.serialize_common(spec, codec, common_args)
+        calls = []
+        for own in per_call:
+            clash = common_args.keys() & own.keys()
+            if clash:
+                raise InvalidArgumentsError(
+                    f"task {spec.key!r}: arguments {sorted(clash)} are given both as common "
+                    "and per-call arguments"
+                )
+            bound = spec.bind((), {**common_args, **own})
+            others = {k: v for k, v in bound.items() if k not in common_serialized}
+            calls.append(cls(spec, codec, common_serialized, others))
+        return calls
+
+    def _pending_names(self) -> list[str]:
+        return [n for n in self._arguments if n not in self._done]
+
+    def _names_in_order(self) -> list[str]:
+        names = list(self._common)
+        names.extend(n for n in self._arguments if n not in self._common)
+        return names
+
+    @property
+    def arg_keys(self) -> frozenset[str]:
+        """Argument names, common and own."""
+        return frozenset(self._common) | frozenset(self._arguments)
+
+    def __repr__(self) -> str:
+        return (
+            f"PreSerializedCall({self.spec.key}, common={sorted(self._common)}, "
+            f"own={sorted(self._arguments)})"
+        )
+
+
+class LazyCall(_CallBase[R]):
+    """A worker-side call rebuilt from a DTO; nothing is decoded until asked for.
+
+    Identity (``call_id``, ``args_id``, ``arg_keys``, equality) is plain attribute
+    access. ``await arguments()`` loads everything with one batched fetch;
+    ``await argument(name)`` loads one argument alone. Loaded values are cached on this
+    object only (another invocation of the same call decodes its own copies).
+    """
+
+    __slots__ = ("_call_id", "_loaded", "_serialized")
+
+    def __init__(self, spec: TaskSpec, codec: OffloadCodec, dto: CallDTO) -> None:
+        self.spec = spec
+        self.codec = codec
+        self._call_id = dto.call_id
+        self._serialized = dto.serialized_arguments
+        self._loaded: dict[str, Any] = {}
+
+    @classmethod
+    def from_dto(cls, spec: TaskSpec, codec: OffloadCodec, dto: CallDTO) -> LazyCall[R]:
+        """Wrap *dto*: no decoding, no I/O."""
+        return cls(spec, codec, dto)
+
+    @property
+    def call_id(self) -> CallId:
+        """The call id carried by the DTO."""
+        return self._call_id
+
+    @property
+    def args_id(self) -> str:
+        """The args_id carried by the DTO."""
+        return self._call_id.args_id
+
+    @property
+    def serialized_arguments(self) -> Mapping[str, str]:
+        """Argument name -> inline text or reference, as received."""
+        return self._serialized
+
+    @property
+    def arg_keys(self) -> frozenset[str]:
+        """Argument names."""
+        return frozenset(self._serialized)
+
+    def to_dto(self) -> CallDTO:
+        """The DTO this call was built from."""
+        return CallDTO(self._call_id, dict(self._serialized))
+
+    async def argument(self, name: str) -> Any:
+        """Load one argument (fetching only its own blob, if any)."""
+        if name not in self._serialized:
+            raise KeyError(f"call {self._call_id.key} has no argument {name!r}")
+        if name not in self._loaded:
+            await self._load([name])
+        return self._loaded[name]
+
+    async def arguments(self) -> dict[str, Any]:
+        """Load every argument: one batched fetch for all references, cached."""
+        missing = [n for n in self._serialized if n not in self._loaded]
+        if missing:
+            await self._load(missing)
+        return {n: self._loaded[n] for n in self._serialized}
+
+    async def _load(self, names: list[str]) -> None:
+        key = self._call_id.key
+        texts = {n: self._serialized[n] for n in names}
+        refs = {n: t for n, t in texts.items() if t.startswith(REFERENCE_PREFIX)}
+        if refs:
+            try:
+                fetched = await self.codec.fetch_texts(refs.values())
+            except (BlobNotFoundError, BlobCorruptedError) as exc:
+                name = next((n for n, r in refs.items() if r == exc.reference), "?")
+                raise _with_call_context(exc, name, key) from None
+            for n, ref in refs.items():
+                texts[n] = fetched[ref]
+        loaded: dict[str, Any] = {}
+        large = [n for n, t in texts.items() if len(t) >= THREAD_MIN_CHARS]
+        for n, t in texts.items():
+            if n not in large:
+                loaded[n] = self._decode_small(n, t, key)
+        if large:
+            errors: list[Exception] = []
+            async with anyio.create_task_group() as tg:
+                for n in large:
+                    tg.start_soon(self._decode_large, n, texts[n], key, loaded, errors)
+            if errors:
+                raise errors[0]
+        types = self.spec.param_types
+        for n in names:
+            value = loaded[n]
+            self._loaded[n] = types.structure(n, value) if types else value
+
+    def _decode_small(self, name: str, text: str, key: str) -> Any:
+        try:
+            return self.codec.serializer.loads(text)
+        except DeserializationError as exc:
+            raise _with_call_context(exc, name, key) from None
+
+    async def _decode_large(
+        self, name: str, text: str, key: str, out: dict[str, Any], errors: list[Exception]
+    ) -> None:
+        try:
+            out[name] = await self.codec.loads(text)
+        except Exception as exc:
+            errors.append(_with_call_context(exc, name, key))
+
+    def __repr__(self) -> str:
+        return f"LazyCall({self._call_id.key})"

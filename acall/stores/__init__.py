@@ -1,0 +1,116 @@
+"""Async data stores (``key -> bytes``) for offloaded argument values and results.
+
+Pick a backend by URL with :func:`open_store`:
+
+* ``memory://`` — a private store in this process; ``memory://name`` shares its data
+  with every other ``memory://name`` store in the process;
+* ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` — one SQLite file,
+  shareable by several processes on one machine;
+* ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS) — Redis, with
+  query options ``prefix=`` (default ``acall:``) and ``ttl=`` (default expiry, seconds).
+
+Every backend implements :class:`Store`. :class:`RedisStore` needs the ``redis``
+package (``pip install 'acall[redis]'``) and is imported on first use.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import TYPE_CHECKING, Final
+
+from acall.errors import ConfigurationError
+from acall.stores.base import KEY_PATTERN, Store, store_options, validate_key
+from acall.stores.memory import MemoryStore
+from acall.stores.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from acall.stores.redis import RedisStore
+
+__all__ = [
+    "KEY_PATTERN",
+    "MemoryStore",
+    "RedisStore",
+    "SqliteStore",
+    "Store",
+    "open_store",
+    "validate_key",
+]
+
+_ACCEPTED: Final = (
+    "memory:// or memory://name; sqlite:///relative/path.db or sqlite:////absolute/path.db; "
+    "redis://[[user]:password@]host[:port][/db][?prefix=acall:&ttl=SECONDS] "
+    "(rediss:// for TLS)"
+)
+
+
+def open_store(url: str, **options: object) -> Store:
+    """Return a store for *url*; keyword *options* override the URL's query options.
+
+    No connection is made yet: the first operation connects (and reports
+    :class:`~acall.errors.StoreUnavailableError` if it cannot).
+
+    :raises ConfigurationError: for an unknown scheme, a malformed URL, an unknown or
+        invalid option, or a Redis URL when the ``redis`` package is not installed.
+    """
+    if not isinstance(url, str):
+        raise ConfigurationError(
+            f"store URL must be a str, got {type(url).__name__}; accepted forms: {_ACCEPTED}"
+        )
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigurationError(
+            f"malformed store URL {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+        )
+    if scheme == "memory":
+        return _open_memory(url, rest, options)
+    if scheme == "sqlite":
+        return SqliteStore.from_url(url, **options)
+    if scheme in ("redis", "rediss"):
+        return _redis_store_class().from_url(url, **options)
+    raise ConfigurationError(
+        f"unknown store URL scheme {scheme!r} in {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+    )
+
+
+def _open_memory(url: str, rest: str, options: dict[str, object]) -> MemoryStore:
+    name, _, query = rest.partition("?")
+    if "/" in name or "#" in name:
+        raise ConfigurationError(
+            f"malformed memory store URL {url!r}: expected memory:// or memory://name"
+        )
+    merged = store_options(url, query, options, {"ttl": float, "max_value_size": int})
+    return MemoryStore(urllib.parse.unquote(name) or None, **merged)  # type: ignore[arg-type]
+
+
+def _shown(url: str) -> str:
+    # Import-free redaction, so a bad URL never echoes a password into a log.
+    head, at, tail = url.rpartition("@")
+    if not at:
+        return url
+    scheme, sep, auth = head.partition("://")
+    user, colon, _ = auth.partition(":")
+    return f"{scheme}{sep}{user}{':***' if colon else ''}@{tail}"
+
+
+def _redis_store_class() -> type[RedisStore]:
+    try:
+        from acall.stores.redis import RedisStore
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.partition(".")[0] != "redis":
+            raise
+        raise ConfigurationError(
+            "Redis stores need the redis package (redis-py >= 5), which is not installed; "
+            "install it with: pip install 'acall[redis]'"
+        ) from exc
+    return RedisStore
+
+
+def __getattr__(name: str) -> object:
+    # RedisStore is imported lazily so acall.stores works without the redis package.
+    if name == "RedisStore":
+        try:
+            return _redis_store_class()
+        except ConfigurationError as exc:
+            # An import statement should fail with an ImportError, carrying the hint.
+            raise ImportError(str(exc), name="redis") from exc.__cause__
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real ``redis-server`` for the session, one clean DB per test."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from acall.testing import RedisServer
+
+_DATABASES = 64
+# DB 0 is left alone, so a developer poking at the server by hand sees nothing surprising.
+_db_numbers = itertools.cycle(range(1, _DATABASES))
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A ``redis-server`` on a free loopback port for the whole session.
+
+    Skips the requesting test when the binary is missing, except with ``CI=true``,
+    where a missing server fails: CI must run the Redis tests.
+    """
+    if RedisServer.find_executable() is None:
+        reason = (
+            "redis-server is not on PATH, so the Redis tests cannot run; install Redis "
+            "(e.g. 'apt-get install redis-server' or 'brew install redis')"
+        )
+        if _in_ci():
+            pytest.fail(f"{reason}. CI=true: a missing redis-server is a failure, not a skip.")
+        pytest.skip(reason)
+    with RedisServer(databases=_DATABASES) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """A URL of a Redis database that is empty when the test starts."""
+    # The server may have been stopped or restarted by a fault test.
+    redis_server.start()
+    db = next(_db_numbers)
+    redis_server.flushdb(db)
+    return redis_server.url_for(db)

@@ -1,0 +1,66 @@
+"""Shared test helpers: real stores that also count the calls they receive."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from acall.serializers import JsonSerializer
+from acall.stores.memory import MemoryStore
+
+
+class CountingStore(MemoryStore):
+    """A real in-memory store that records how often each operation reached it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+        self.keys_fetched: list[str] = []
+
+    async def _put(self, key: str, data: bytes, ttl: float | None) -> None:
+        self.calls["put"] += 1
+        await super()._put(key, data, ttl)
+
+    async def _put_many(self, items: Mapping[str, bytes], ttl: float | None) -> None:
+        self.calls["put_many"] += 1
+        await super()._put_many(items, ttl)
+
+    async def _get(self, key: str) -> bytes | None:
+        self.calls["get"] += 1
+        self.keys_fetched.append(key)
+        return await super()._get(key)
+
+    async def _get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self.calls["get_many"] += 1
+        self.keys_fetched.extend(keys)
+        return await super()._get_many(keys)
+
+    async def _exists(self, key: str) -> bool:
+        self.calls["exists"] += 1
+        return await super()._exists(key)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.keys_fetched.clear()
+
+
+class CountingSerializer(JsonSerializer):
+    """The real JSON serializer, counting dumps/loads calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dumped = 0
+        self.loaded = 0
+
+    def dumps(self, obj: Any) -> str:
+        self.dumped += 1
+        return super().dumps(obj)
+
+    def iter_dumps(self, obj: Any) -> Iterator[str]:
+        self.dumped += 1
+        return super().iter_dumps(obj)
+
+    def loads(self, text: str) -> Any:
+        self.loaded += 1
+        return super().loads(text)
