@@ -30,6 +30,24 @@ _REFERENCE_RE: Final = re.compile(r"__pynenc__client_data__:[0-9a-f]{64}")
 # ``json.dumps(s, ensure_ascii=False)`` builds a JSONEncoder on every call and ends in
 # this C function; calling it directly gives the same text several times faster.
 _encode: Final = encode_basestring
+_sha256: Final = hashlib.sha256
+
+
+# Arguments longer than this in all are hashed piece by piece (fewer copies in memory).
+_LARGE: Final = 65536
+
+# Calls of one task share their argument names, so the sorted order and the escaped
+# ``JSON(key)=`` prefixes are computed once per name tuple (bounded cache).
+_layouts: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
+_LAYOUTS_MAX: Final = 4096
+
+
+def _layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    layout = tuple((key, _encode(key) + "=") for key in sorted(keys))
+    if len(_layouts) >= _LAYOUTS_MAX:
+        _layouts.clear()
+    _layouts[keys] = layout
+    return layout
 
 
 def compute_args_id(serialized_args: Mapping[str, str]) -> str:
@@ -45,14 +63,45 @@ def compute_args_id(serialized_args: Mapping[str, str]) -> str:
     if not serialized_args:
         return NO_ARGS
     try:
-        text = "".join(
-            [f"{_encode(key)}={_encode(serialized_args[key])};" for key in sorted(serialized_args)]
-        )
-        data = text.encode("utf-8")
-    except (TypeError, UnicodeEncodeError):
+        if len(serialized_args) == 1:
+            # One argument: checking its size first is free, and a large value is then
+            # escaped at the byte level instead of by the (much slower) str escaper.
+            ((key, value),) = serialized_args.items()
+            if len(value) > _LARGE:
+                return _single_large(key, value)
+        keys = tuple(serialized_args)
+        layout = _layouts.get(keys) or _layout(keys)
+        parts = [prefix + _encode(serialized_args[key]) for key, prefix in layout]
+        # Joining with ";" and appending one more gives exactly the concatenation of
+        # "key=value;" items, one string operation less than formatting each item.
+        text = ";".join(parts)
+        if len(text) > _LARGE:
+            # Large: hash the escaped pieces one by one rather than copying them again.
+            hasher = _sha256()
+            for part in parts:
+                hasher.update(part.encode("utf-8"))
+                hasher.update(b";")
+            return hasher.hexdigest()
+        data = (text + ";").encode("utf-8")
+    except (TypeError, AttributeError, UnicodeEncodeError):
         _raise_args_id_error(serialized_args)
         raise  # pragma: no cover - _raise_args_id_error always raises
-    return hashlib.sha256(data).hexdigest()
+    return _sha256(data).hexdigest()
+
+
+_CONTROL_BYTES: Final = bytes(range(32))
+
+
+def _single_large(key: str, value: str) -> str:
+    hasher = _sha256(_encode(key).encode("utf-8") + b"=")
+    raw = value.encode("utf-8")
+    if len(raw.translate(None, _CONTROL_BYTES)) == len(raw):
+        # Without control characters only '"' and '\\' are escaped, and the bytes of a
+        # UTF-8 multi-byte sequence are never those, so escaping the bytes is exact.
+        hasher.update(b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'";')
+    else:
+        hasher.update(_encode(value).encode("utf-8") + b";")
+    return hasher.hexdigest()
 
 
 def _raise_args_id_error(serialized_args: Mapping[str, str]) -> None:

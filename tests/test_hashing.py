@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from acall import InvalidKeyError, SerializationError, compute_args_id
@@ -85,6 +85,27 @@ def test_order_independent(args: dict[str, str]) -> None:
     reordered = dict(reversed(list(args.items())))
     with contextlib.suppress(SerializationError):  # surrogates: see the error tests
         assert compute_args_id(args) == compute_args_id(reordered)
+
+
+_large_text = st.text(
+    alphabet=st.sampled_from('ab"\\é😀\n\x00\u2028'), min_size=1, max_size=40
+).map(lambda piece: piece * (4200 // len(piece) + 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(st.text(max_size=5), _large_text, min_size=1, max_size=3),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=20), max_size=3),
+)
+def test_large_values_match_the_rule(large: dict[str, str], small: dict[str, str]) -> None:
+    args = {**small, **large}
+    assert compute_args_id(args) == _reference_rule(args)
+
+
+@pytest.mark.parametrize("value", [[1] * 5000, b"x" * 5000])
+def test_large_non_str_values_are_clear_errors(value: Any) -> None:
+    with pytest.raises(SerializationError, match="must be a str"):
+        compute_args_id({"a": value})
 
 
 def test_content_reference_rule() -> None:
