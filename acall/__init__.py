@@ -6,6 +6,10 @@ every call is identified by the canonical SHA-256 ``args_id`` shared with pynenc
 rustvello.
 """
 
+from acall.brokers import (
+    Broker,
+    open_broker,
+)
 from acall.calls import (
     Call,
     ConcurrencyMode,
@@ -64,12 +68,26 @@ from acall.stores import (
     Store,
     open_store,
 )
+from acall.tasks import (
+    App,
+    InvocationHandle,
+    RetryPolicy,
+    Task,
+    TaskOptions,
+)
+from acall.worker import (
+    InvocationContext,
+    Worker,
+    current_invocation,
+)
 
 __all__ = [
     "AcallError",
+    "App",
     "ArgumentTypeError",
     "BlobCorruptedError",
     "BlobNotFoundError",
+    "Broker",
     "BrokerError",
     "BrokerUnavailableError",
     "Call",
@@ -84,6 +102,8 @@ __all__ = [
     "ErrorInfo",
     "InvalidArgumentsError",
     "InvalidKeyError",
+    "InvocationContext",
+    "InvocationHandle",
     "InvocationRecord",
     "InvocationStatus",
     "JsonSerializable",
@@ -96,16 +116,22 @@ __all__ = [
     "PreSerializedCall",
     "RemoteTaskError",
     "ResultTimeoutError",
+    "RetryPolicy",
     "SerializationError",
     "Serializer",
     "Store",
     "StoreError",
     "StoreUnavailableError",
+    "Task",
     "TaskError",
     "TaskId",
+    "TaskOptions",
     "TaskSpec",
     "UnknownTaskError",
     "UnsafePayloadError",
+    "Worker",
     "compute_args_id",
+    "current_invocation",
+    "open_broker",
     "open_store",
 ]

@@ -145,9 +145,12 @@ class StoreError(AcallError):
 
 
 class BlobNotFoundError(StoreError, KeyError):
-    """A referenced value is not in the store (expired, deleted or never written)."""
+    """A referenced value is not in the store (expired, deleted or never written).
 
-    def __init__(self, message: str, *, reference: str) -> None:
+    :ivar reference: the missing reference (``None`` when rebuilt from a remote error).
+    """
+
+    def __init__(self, message: str, *, reference: str | None = None) -> None:
         super().__init__(message)
         self.reference = reference
 
@@ -157,9 +160,12 @@ class BlobNotFoundError(StoreError, KeyError):
 
 
 class BlobCorruptedError(StoreError):
-    """A stored blob is truncated or fails its checksum; the value is never returned."""
+    """A stored blob is truncated or fails its checksum; the value is never returned.
 
-    def __init__(self, message: str, *, reference: str) -> None:
+    :ivar reference: the bad reference (``None`` when rebuilt from a remote error).
+    """
+
+    def __init__(self, message: str, *, reference: str | None = None) -> None:
         super().__init__(message)
         self.reference = reference
 

@@ -1,0 +1,5 @@
+"""``python -m acall`` runs the command line (see :mod:`acall.cli`)."""
+
+from acall.cli import main
+
+raise SystemExit(main())

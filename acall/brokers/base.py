@@ -1,0 +1,201 @@
+"""The broker interface: durable invocation records and at-least-once queues.
+
+A broker keeps two things, in one backend so that they change together:
+
+* **invocation records** (:class:`~acall.dto.InvocationRecord`) — the call, its status,
+  attempts, error and result — readable by any client;
+* **queues** of invocations to run, with *at-least-once* delivery: a worker receives an
+  entry, which stays invisible to other workers for a visibility timeout; the worker
+  acknowledges it once the outcome is recorded, extends it while it still works, or the
+  entry becomes deliverable again when the timeout passes (a worker killed mid-task
+  loses nothing).
+
+Deduplication (concurrency control ``ARGUMENTS`` / ``KEYS``) is part of submission: a
+record carrying a ``dedup_key`` is stored only if no *non-final* invocation holds that
+key; otherwise the existing invocation's record is returned. This check-and-insert is
+atomic across processes (a unique constraint in SQLite, a Lua script in Redis).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncGenerator, Sequence
+from types import TracebackType
+from typing import Self
+
+import attrs
+
+from acall.dto import InvocationRecord, InvocationStatus
+
+__all__ = ["Broker", "Delivery"]
+
+
+@attrs.frozen(slots=True)
+class Delivery:
+    """One received queue entry.
+
+    :ivar invocation_id: the invocation to run.
+    :ivar queue: the queue it came from.
+    :ivar receipt: backend handle for ack / extend / release / retry / finish (opaque).
+        Unique per delivery: a redelivery of the same entry gets a new receipt, and an
+        operation with a stale receipt is a no-op (see each method).
+    :ivar delivery_count: how many times this entry has been delivered (1 = first).
+    :ivar record: the invocation's record as claimed by :meth:`Broker.receive`: for a
+        non-final invocation already marked RUNNING (attempt + 1, ``worker_id`` = the
+        consumer); a final one is returned unchanged (the worker only acknowledges it);
+        ``None`` if the record no longer exists.
+    """
+
+    invocation_id: str
+    queue: str
+    receipt: str
+    delivery_count: int = 1
+    record: InvocationRecord | None = None
+
+
+class Broker(abc.ABC):
+    """Invocation records plus at-least-once queues. All methods are coroutine-safe.
+
+    Implementations: :class:`~acall.brokers.memory.MemoryBroker`,
+    :class:`~acall.brokers.sqlite.SqliteBroker`, :class:`~acall.brokers.redis.RedisBroker`;
+    choose one by URL with :func:`acall.brokers.open_broker`.
+    """
+
+    #: The URL this broker was opened with, password redacted.
+    url: str
+
+    # -- submission ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def submit(self, record: InvocationRecord) -> InvocationRecord:
+        """Store *record* and enqueue it on ``record.queue``, durably, atomically.
+
+        If ``record.dedup_key`` is set and a non-final invocation already holds that
+        key, nothing is stored and that invocation's record is returned instead (the
+        caller compares ``invocation_id`` to know). Otherwise returns *record*.
+        A record whose ``not_before`` lies in the future becomes deliverable then.
+        """
+
+    @abc.abstractmethod
+    async def submit_many(self, records: Sequence[InvocationRecord]) -> list[InvocationRecord]:
+        """:meth:`submit` for many records in one round trip / transaction.
+
+        Returns, position by position, the stored record or the existing duplicate.
+        """
+
+    # -- records ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get(self, invocation_id: str) -> InvocationRecord | None:
+        """The current record of an invocation, or ``None`` if unknown."""
+
+    @abc.abstractmethod
+    async def get_many(self, invocation_ids: Sequence[str]) -> list[InvocationRecord | None]:
+        """Records of several invocations in one round trip, in the given order."""
+
+    @abc.abstractmethod
+    async def find_by_call(self, call_key: str, limit: int = 100) -> list[InvocationRecord]:
+        """Records of invocations of the call with this key, oldest first (at most *limit*).
+
+        :raises InvalidKeyError: if *call_key* is not a well-formed call key.
+        """
+
+    @abc.abstractmethod
+    async def update(self, record: InvocationRecord) -> None:
+        """Overwrite an invocation's record (status changes made by a worker).
+
+        When the new status is final, the record's dedup key (if it still maps to this
+        invocation) is released in the same step, and watchers are told
+        (:meth:`watch_final`).
+        """
+
+    # -- consuming -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def receive(
+        self,
+        queues: Sequence[str],
+        max_items: int,
+        *,
+        consumer: str,
+        visibility_timeout: float,
+        wait: float,
+    ) -> list[Delivery]:
+        """Take up to *max_items* deliverable entries from *queues*.
+
+        Entries come in submission order per queue; an entry whose record has a future
+        ``not_before`` is not deliverable yet. Each returned entry is invisible to every
+        other consumer for *visibility_timeout* seconds unless acked, extended, retried,
+        finished or released. Waits up to *wait* seconds when nothing is deliverable
+        (returning an empty list then).
+
+        In the same atomic step, each claimed non-final invocation's record is updated
+        to status RUNNING, ``attempt + 1``, ``worker_id = consumer`` and ``updated_at =
+        now``, and returned in :attr:`Delivery.record` (saving the worker a read and a
+        write per invocation).
+        """
+
+    @abc.abstractmethod
+    async def finish(self, outcomes: Sequence[tuple[Delivery, InvocationRecord]]) -> None:
+        """Record final outcomes and acknowledge their entries, all in one atomic step.
+
+        For each ``(delivery, record)`` (``record.status`` SUCCESS or FAILED): store the
+        record unless the invocation is already final (the first recorded outcome wins,
+        so a run repeated after a redelivery never overwrites it), release its dedup
+        key, tell watchers (:meth:`watch_final`), and acknowledge the entry if the
+        receipt is still current. One transaction / round trip for the whole batch.
+
+        :raises ValueError: if a record's status is not final.
+        """
+
+    @abc.abstractmethod
+    async def ack(self, delivery: Delivery) -> None:
+        """The entry is done (its outcome is recorded): never deliver it again."""
+
+    @abc.abstractmethod
+    async def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float) -> None:
+        """Keep entries invisible for another *visibility_timeout* seconds (still working)."""
+
+    @abc.abstractmethod
+    async def retry(self, delivery: Delivery, record: InvocationRecord, delay: float) -> None:
+        """Atomically store *record* (status RETRYING) and re-deliver the entry after *delay*."""
+
+    @abc.abstractmethod
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Give entries back at once, unstarted (a worker shutting down)."""
+
+    # -- observation -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def watch_final(self) -> AsyncGenerator[set[str], None]:
+        """Yield sets of invocation ids that reached a final status.
+
+        Best effort and low latency (an in-process event, a Redis pub/sub channel, a
+        SQLite sequence column): a notification may be missed across a reconnect, so
+        waiters also poll now and then. May yield an empty set as a periodic tick.
+        """
+
+    @abc.abstractmethod
+    async def counts(self) -> dict[InvocationStatus, int]:
+        """Number of invocations per status (for progress reports)."""
+
+    @abc.abstractmethod
+    async def pending_count(self, queue: str) -> int:
+        """Entries of *queue* not yet acknowledged (deliverable, delayed or in flight)."""
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,383 @@
+"""An in-process broker: records in a dict, queues in heaps, waiters woken by events.
+
+``memory://`` gives a private broker; ``memory://name`` shares records and queues with
+every other ``memory://name`` broker in the process (a client and a worker in one
+program). Nothing survives the process.
+
+All state changes happen between two awaits, so they are atomic without locks; that
+also means one broker (and one name) serves one event loop at a time. Deadlines use
+the monotonic clock; a record's ``not_before`` (wall-clock time) is converted once, at
+submission.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncGenerator
+from typing import Final
+
+import anyio
+from anyio.lowlevel import checkpoint
+
+from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
+from acall.brokers.base import Delivery
+from acall.dto import InvocationRecord, InvocationStatus
+from acall.errors import ConfigurationError
+from acall.stores.base import validate_ttl
+
+__all__ = ["MemoryBroker"]
+
+_NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+class _Entry:
+    """One queue entry. ``version`` changes with every state change, which makes the
+    heap items pushed for earlier states recognisably stale."""
+
+    __slots__ = ("delivery_count", "invocation_id", "queue", "receipt", "seq", "version")
+
+    def __init__(self, invocation_id: str, queue: str, seq: int) -> None:
+        self.invocation_id = invocation_id
+        self.queue = queue
+        self.seq = seq
+        self.receipt: str | None = None
+        self.delivery_count = 0
+        self.version = 0
+
+
+class _Queue:
+    """Entries of one queue: deliverable ones by submission order, others by due time."""
+
+    __slots__ = ("ready", "size", "waiting")
+
+    def __init__(self) -> None:
+        self.ready: list[tuple[int, int, str]] = []  # (seq, version, invocation id)
+        self.waiting: list[tuple[float, int, str]] = []  # (visible at, version, id)
+        self.size = 0
+
+
+class _Watcher:
+    """One :meth:`MemoryBroker.watch_final` iterator: ids not yet yielded, and its wake-up."""
+
+    __slots__ = ("event", "ids")
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()
+        self.event: anyio.Event | None = None
+
+    def wake(self) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+class _MemoryData:
+    """The state behind one or more :class:`MemoryBroker` objects."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, InvocationRecord] = {}
+        self.dedup: dict[str, str] = {}
+        self.entries: dict[str, _Entry] = {}
+        self.queues: dict[str, _Queue] = {}
+        # Finished invocation id -> expiry, in the order they finished.
+        self.finished: dict[str, float] = {}
+        # Each waiting receive() owns an event created in its own task (an event bound
+        # to an event loop that has gone away must never be shared).
+        self.waiters: set[anyio.Event] = set()
+        self.watchers: set[_Watcher] = set()
+        self.next_seq = 0
+
+    def queue(self, name: str) -> _Queue:
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = _Queue()
+        return queue
+
+    def current(self, invocation_id: str, version: int) -> _Entry | None:
+        entry = self.entries.get(invocation_id)
+        return entry if entry is not None and entry.version == version else None
+
+    def place(self, entry: _Entry, visible_at: float, now: float) -> None:
+        """Record a state change of *entry*: deliverable now, or from *visible_at* on."""
+        entry.version += 1
+        queue = self.queue(entry.queue)
+        if visible_at <= now:
+            heapq.heappush(queue.ready, (entry.seq, entry.version, entry.invocation_id))
+        else:
+            heapq.heappush(queue.waiting, (visible_at, entry.version, entry.invocation_id))
+
+    def enqueue(self, invocation_id: str, queue: str, visible_at: float, now: float) -> None:
+        self.next_seq += 1
+        entry = self.entries[invocation_id] = _Entry(invocation_id, queue, self.next_seq)
+        self.queue(queue).size += 1
+        self.place(entry, visible_at, now)
+
+    def requeue(self, entry: _Entry, visible_at: float, now: float) -> None:
+        """Put *entry* at the back of its queue as a fresh, undelivered entry."""
+        self.next_seq += 1
+        entry.seq = self.next_seq
+        entry.delivery_count = 0
+        entry.receipt = None
+        self.place(entry, visible_at, now)
+
+    def remove(self, entry: _Entry) -> None:
+        del self.entries[entry.invocation_id]
+        self.queue(entry.queue).size -= 1
+
+    def holding(self, invocation_id: str, receipt: str) -> _Entry | None:
+        entry = self.entries.get(invocation_id)
+        return entry if entry is not None and entry.receipt == receipt else None
+
+    def take(
+        self, names: list[str], max_items: int, now: float, visibility_timeout: float
+    ) -> list[Delivery]:
+        queues = [self.queue(name) for name in names]
+        for queue in queues:
+            while queue.waiting and queue.waiting[0][0] <= now:
+                _, version, invocation_id = heapq.heappop(queue.waiting)
+                entry = self.current(invocation_id, version)
+                if entry is not None:
+                    heapq.heappush(queue.ready, (entry.seq, version, invocation_id))
+        taken: list[Delivery] = []
+        while len(taken) < max_items:
+            best: _Queue | None = None
+            for queue in queues:
+                while queue.ready and self.current(queue.ready[0][2], queue.ready[0][1]) is None:
+                    heapq.heappop(queue.ready)
+                if queue.ready and (best is None or queue.ready[0] < best.ready[0]):
+                    best = queue
+            if best is None:
+                break
+            entry = self.entries[heapq.heappop(best.ready)[2]]
+            entry.receipt = uuid.uuid4().hex
+            entry.delivery_count += 1
+            self.place(entry, now + visibility_timeout, now)
+            taken.append(
+                Delivery(entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count)
+            )
+        return taken
+
+    def next_due(self, names: list[str]) -> float:
+        """Earliest time an entry of *names* may become deliverable (may be stale: early)."""
+        due = [q.waiting[0][0] for name in names if (q := self.queues.get(name)) and q.waiting]
+        return min(due, default=float("inf"))
+
+    def wake_receivers(self) -> None:
+        for event in self.waiters:
+            event.set()
+        self.waiters.clear()
+
+    def purge(self, now: float) -> None:
+        """Forget finished invocations whose record_ttl has passed."""
+        expired = []
+        for invocation_id, expires_at in self.finished.items():
+            if expires_at > now:
+                break
+            expired.append(invocation_id)
+        for invocation_id in expired:
+            del self.finished[invocation_id]
+            self.records.pop(invocation_id, None)
+            entry = self.entries.get(invocation_id)
+            if entry is not None:
+                self.remove(entry)
+
+
+_named: dict[str, _MemoryData] = {}
+_named_lock = threading.Lock()
+
+
+class MemoryBroker(BrokerBase):
+    """A broker in this process's memory.
+
+    :param name: share records and queues with every other broker of that name in the
+        process; ``None`` gives a private broker whose data is dropped on :meth:`close`.
+    :param record_ttl: seconds a finished record is kept (``None``: forever).
+    :ivar name: the shared name, or ``None``.
+    :ivar record_ttl: see the parameter.
+    """
+
+    def __init__(
+        self, name: str | None = None, *, record_ttl: float | None = DEFAULT_RECORD_TTL
+    ) -> None:
+        if name is None:
+            data = _MemoryData()
+            url = "memory://"
+        else:
+            if not isinstance(name, str) or not name or not set(name) <= _NAME_CHARS:
+                raise ConfigurationError(
+                    f"invalid memory broker name {name!r:.80}: use letters, digits, "
+                    "'_', '.' and '-' (for example memory://jobs)"
+                )
+            with _named_lock:
+                data = _named.setdefault(name, _MemoryData())
+            url = f"memory://{name}"
+        super().__init__(url)
+        self.name = name
+        self.record_ttl = validate_ttl(record_ttl, what="record_ttl")
+        self._data = data
+        self._watchers: set[_Watcher] = set()
+
+    @staticmethod
+    def drop(name: str) -> bool:
+        """Forget the shared data of ``memory://name``; return whether it existed.
+
+        Brokers still open on that name keep the old data; new ones start empty.
+        """
+        with _named_lock:
+            return _named.pop(name, None) is not None
+
+    async def _submit_many(self, records: list[InvocationRecord]) -> list[InvocationRecord]:
+        await checkpoint()
+        data = self._data
+        now = time.monotonic()
+        wall = time.time()
+        data.purge(now)
+        result: list[InvocationRecord] = []
+        for record in records:
+            invocation_id = record.invocation_id
+            stored = data.records.get(invocation_id)
+            if stored is not None:
+                result.append(stored)
+                continue
+            key = record.dedup_key
+            if key is not None:
+                holder = data.records.get(data.dedup.get(key, ""))
+                if holder is not None and not holder.status.is_final:
+                    result.append(holder)
+                    continue
+                data.dedup[key] = invocation_id
+            data.records[invocation_id] = record
+            delay = 0.0 if record.not_before is None else record.not_before - wall
+            data.enqueue(invocation_id, record.queue, now + delay, now)
+            result.append(record)
+        data.wake_receivers()
+        return result
+
+    async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
+        await checkpoint()
+        self._data.purge(time.monotonic())
+        records = self._data.records
+        return [records.get(invocation_id) for invocation_id in invocation_ids]
+
+    async def _update(self, record: InvocationRecord) -> bool:
+        await checkpoint()
+        data = self._data
+        now = time.monotonic()
+        data.purge(now)
+        invocation_id = record.invocation_id
+        previous = data.records.get(invocation_id)
+        if previous is None:
+            return False
+        data.records[invocation_id] = record
+        data.finished.pop(invocation_id, None)
+        if record.status.is_final:
+            key = previous.dedup_key
+            if key is not None and data.dedup.get(key) == invocation_id:
+                del data.dedup[key]
+            if self.record_ttl is not None:
+                data.finished[invocation_id] = now + self.record_ttl
+            for watcher in data.watchers:
+                watcher.ids.add(invocation_id)
+                watcher.wake()
+        return True
+
+    async def _receive(
+        self,
+        queues: list[str],
+        max_items: int,
+        consumer: str,
+        visibility_timeout: float,
+        wait: float,
+    ) -> list[Delivery]:
+        data = self._data
+        deadline = time.monotonic() + wait
+        while True:
+            await checkpoint()
+            now = time.monotonic()
+            taken = data.take(queues, max_items, now, visibility_timeout)
+            if taken or now >= deadline:
+                return taken
+            # No await between looking and registering: a submission cannot slip between.
+            event = anyio.Event()
+            data.waiters.add(event)
+            try:
+                with anyio.move_on_after(min(deadline, data.next_due(queues)) - now):
+                    await event.wait()
+            finally:
+                data.waiters.discard(event)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        await checkpoint()
+        entry = self._data.holding(delivery.invocation_id, delivery.receipt)
+        if entry is not None:
+            self._data.remove(entry)
+
+    async def _extend(self, deliveries: list[Delivery], visibility_timeout: float) -> None:
+        await checkpoint()
+        now = time.monotonic()
+        for delivery in deliveries:
+            entry = self._data.holding(delivery.invocation_id, delivery.receipt)
+            if entry is not None:
+                self._data.place(entry, now + visibility_timeout, now)
+
+    async def _retry(self, delivery: Delivery, record: InvocationRecord, delay: float) -> None:
+        await checkpoint()
+        data = self._data
+        entry = data.holding(delivery.invocation_id, delivery.receipt)
+        if entry is None:
+            return
+        now = time.monotonic()
+        data.records[record.invocation_id] = record
+        data.finished.pop(record.invocation_id, None)
+        data.requeue(entry, now + delay, now)
+        data.wake_receivers()
+
+    async def _release(self, deliveries: list[Delivery]) -> None:
+        await checkpoint()
+        data = self._data
+        now = time.monotonic()
+        for delivery in deliveries:
+            entry = data.holding(delivery.invocation_id, delivery.receipt)
+            if entry is not None:
+                entry.receipt = None
+                # Same seq: a released entry keeps its place at the front of the queue.
+                data.place(entry, now, now)
+        data.wake_receivers()
+
+    async def _watch_final(self) -> AsyncGenerator[set[str], None]:
+        watcher = _Watcher()
+        self._data.watchers.add(watcher)
+        self._watchers.add(watcher)
+        try:
+            while not self._closed:
+                if not watcher.ids:
+                    watcher.event = anyio.Event()
+                    await watcher.event.wait()
+                    watcher.event = None
+                    continue
+                ids, watcher.ids = watcher.ids, set()
+                yield ids
+        finally:
+            self._data.watchers.discard(watcher)
+            self._watchers.discard(watcher)
+
+    async def _counts(self) -> dict[InvocationStatus, int]:
+        await checkpoint()
+        self._data.purge(time.monotonic())
+        return dict(Counter(record.status for record in self._data.records.values()))
+
+    async def _pending_count(self, queue: str) -> int:
+        await checkpoint()
+        self._data.purge(time.monotonic())
+        found = self._data.queues.get(queue)
+        return 0 if found is None else found.size
+
+    async def _close(self) -> None:
+        await checkpoint()
+        for watcher in self._watchers:
+            watcher.wake()
+        if self.name is None:
+            self._data = _MemoryData()

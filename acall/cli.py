@@ -1,0 +1,164 @@
+"""The ``acall`` command line: ``worker``, ``demo`` and ``inspect``.
+
+Errors a user can fix (an unknown module, a bad URL, an unreachable Redis) are printed
+as one line, without a traceback, and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from acall.errors import AcallError
+
+__all__ = ["load_app", "main"]
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` and return the :class:`~acall.tasks.App` it names."""
+    from acall.tasks import App
+
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise CliError(f"expected MODULE:APP (for example myproject.tasks:app), got {spec!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise CliError(
+            f"cannot import module {module_name!r}: {exc} (run from the project directory "
+            "or set PYTHONPATH)"
+        ) from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        found = "nothing" if app is None else type(app).__name__
+        raise CliError(f"{spec!r} is not an acall App (found {found})")
+    return app
+
+
+def _configure(app: Any, broker: str | None, store: str | None) -> None:
+    if broker is not None or store is not None:
+        app.configure(broker=broker if broker is not None else app.broker.url, store=store)
+
+
+async def _run_worker(args: argparse.Namespace) -> None:
+    from acall.worker import Worker
+
+    app = load_app(args.app)
+    _configure(app, args.broker, args.store)
+    queues = [q for q in args.queues.split(",") if q] if args.queues else None
+    async with app:
+        await app.broker.pending_count("default")  # fail fast when unreachable
+        worker = Worker(
+            app,
+            concurrency=args.concurrency,
+            queues=queues,
+            visibility_timeout=args.visibility_timeout,
+            grace_period=args.grace_period,
+        )
+        await worker.run()
+
+
+async def _run_inspect(args: argparse.Namespace) -> None:
+    from acall.dto import DTOCodec
+    from acall.errors import InvalidKeyError
+    from acall.ids import CallId
+    from acall.tasks import App, rebuild_exception
+
+    app = load_app(args.app) if args.app else App(args.broker or "sqlite:///acall.db", args.store)
+    if args.app:
+        _configure(app, args.broker, args.store)
+    async with app:
+        target = args.key
+        record = await app.broker.get(target)
+        if record is None:
+            try:
+                call_id = CallId.from_key(target)
+            except InvalidKeyError:
+                raise CliError(f"no invocation with id {target!r} in {app.broker.url}") from None
+            matches = await app.broker.find_by_call(call_id.key)
+            if not matches:
+                raise CliError(f"no invocation of call {target!r} in {app.broker.url}")
+            record = matches[-1]
+        doc = DTOCodec().to_dict(record)
+        if args.resolve:
+            doc["arguments"] = {
+                name: await app.codec.decode(value)
+                for name, value in record.call.serialized_arguments.items()
+            }
+            if record.result is not None:
+                doc["result_value"] = await app.codec.decode(record.result)
+        if record.error is not None:
+            doc["error_rebuilt"] = repr(rebuild_exception(app.serializer, record))
+        print(json.dumps(doc, indent=2, ensure_ascii=False, default=repr))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acall", description="acall: asyncio-native calls, workers and brokers."
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    worker = sub.add_parser("worker", help="run a worker for MODULE:APP")
+    worker.add_argument("app", metavar="MODULE:APP", help="the App to serve, e.g. proj.tasks:app")
+    worker.add_argument("--broker", help="broker URL (overrides the app's)")
+    worker.add_argument("--store", help="data store URL (default: the broker's)")
+    worker.add_argument("--concurrency", type=int, default=16, help="invocations at once")
+    worker.add_argument("--queues", help="comma-separated queues (default: all of the app's)")
+    worker.add_argument("--visibility-timeout", type=float, default=30.0)
+    worker.add_argument("--grace-period", type=float, default=30.0)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo (worker + submitted calls)")
+    demo.add_argument("--broker", help="broker URL (default: a SQLite file in --workdir)")
+    demo.add_argument("--store", help="data store URL (default: the broker's)")
+    demo.add_argument("--workdir", help="directory for the SQLite file (default: a temp dir)")
+    demo.add_argument("--small", type=int, default=500, help="number of small calls")
+    demo.add_argument("--concurrency", type=int, default=16, help="worker concurrency")
+
+    inspect = sub.add_parser("inspect", help="show an invocation by id or call key")
+    inspect.add_argument("key", metavar="KEY_OR_ID", help="invocation id or call key")
+    inspect.add_argument("--app", metavar="MODULE:APP", help="app to use (for its URLs/types)")
+    inspect.add_argument("--broker", help="broker URL (default sqlite:///acall.db)")
+    inspect.add_argument("--store", help="data store URL (default: the broker's)")
+    inspect.add_argument(
+        "--resolve", action="store_true", help="load the arguments and result values"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``acall`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "worker":
+            anyio.run(_run_worker, args)
+        elif args.command == "demo":
+            from acall.demo import run_demo
+
+            anyio.run(run_demo, args)
+        else:
+            anyio.run(_run_inspect, args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, AcallError) as exc:
+        print(f"acall: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,411 @@
+"""The asyncio worker: takes invocations from a broker and runs them.
+
+For each received entry the worker reads the invocation record, rebuilds the call as a
+:class:`~acall.calls.LazyCall` (no decoding), awaits its argument loads (one batched
+fetch for offloaded values), runs the function — coroutines on the loop, plain
+functions in threads bounded by a limiter — stores the result (large results are
+offloaded like arguments) and only then acknowledges the entry.
+
+Delivery is *at-least-once*: an entry is acknowledged after its outcome is recorded,
+and while an invocation runs the worker keeps extending its visibility timeout; if the
+worker dies, the entry becomes deliverable again when the timeout passes and another
+worker runs it. An invocation already final when (re)delivered is acknowledged without
+running again.
+
+On SIGINT/SIGTERM the worker stops taking work, lets running invocations finish within
+a grace period, then cancels what is left and hands those entries back to the broker.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import attrs
+
+from acall.brokers.base import Delivery
+from acall.calls import LazyCall
+from acall.dto import InvocationRecord, InvocationStatus
+from acall.errors import (
+    AcallError,
+    ArgumentTypeError,
+    BlobCorruptedError,
+    BlobNotFoundError,
+    DeserializationError,
+    InvalidKeyError,
+    UnknownTaskError,
+)
+from acall.tasks import App, Task, error_info
+
+__all__ = ["InvocationContext", "Worker", "WorkerStats", "current_invocation"]
+
+logger = logging.getLogger("acall.worker")
+
+#: Errors that no retry can fix: the call's data itself is broken or unknown.
+_PERMANENT = (
+    ArgumentTypeError,
+    BlobCorruptedError,
+    BlobNotFoundError,
+    DeserializationError,
+    InvalidKeyError,
+    UnknownTaskError,
+)
+
+
+@attrs.frozen(slots=True)
+class InvocationContext:
+    """What a running task may want to know about its own invocation."""
+
+    invocation_id: str
+    task_key: str
+    attempt: int
+    max_retries: int
+    worker_id: str
+
+
+_current: contextvars.ContextVar[InvocationContext | None] = contextvars.ContextVar(
+    "acall_current_invocation", default=None
+)
+
+
+def current_invocation() -> InvocationContext | None:
+    """The invocation the calling task function is running for (``None`` outside one).
+
+    Works in coroutine tasks and in plain functions run in the worker's threads.
+    """
+    return _current.get()
+
+
+@attrs.define
+class WorkerStats:
+    """What a worker did so far."""
+
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    duplicates: int = 0
+    released: int = 0
+
+
+class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes messages with the invocation id, task and call key (also as extras)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        kwargs["extra"] = {**extra, **kwargs.get("extra", {})}
+        return f"[{extra.get('invocation_id')} {extra.get('call_key')}] {msg}", kwargs
+
+
+class Worker:
+    """Runs invocations of *app*'s tasks.
+
+    :param concurrency: invocations running at once (and entries taken at once: the
+        prefetch is bounded by the free slots, so a long queue never loads into memory).
+    :param queues: queues to consume (default: every queue of the app's tasks).
+    :param threads: threads for plain (non-async) task functions (default: concurrency).
+    :param visibility_timeout: seconds an entry stays invisible to other workers; it is
+        extended while the invocation runs, so it only matters when a worker dies.
+    :param grace_period: seconds running invocations get to finish on shutdown.
+    :param poll_wait: longest wait for new entries in one broker call.
+    :param handle_signals: stop gracefully on SIGINT / SIGTERM.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        concurrency: int = 16,
+        queues: Sequence[str] | None = None,
+        threads: int | None = None,
+        visibility_timeout: float = 30.0,
+        grace_period: float = 30.0,
+        poll_wait: float = 0.5,
+        handle_signals: bool = True,
+        worker_id: str | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        self.app = app
+        self.concurrency = concurrency
+        self.queues = (
+            tuple(queues)
+            if queues
+            else tuple(sorted({t.options.queue for t in app.tasks.values()} or {"default"}))
+        )
+        self.visibility_timeout = visibility_timeout
+        self.grace_period = grace_period
+        self.poll_wait = poll_wait
+        self.handle_signals = handle_signals
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.stats = WorkerStats()
+        self._threads = anyio.CapacityLimiter(threads or concurrency)
+        self._inflight: dict[str, Delivery] = {}
+        self._slot_freed = anyio.Event()
+        self._stopping = anyio.Event()
+        self._started = anyio.Event()
+
+    def __repr__(self) -> str:
+        return (
+            f"Worker({self.worker_id}, queues={list(self.queues)}, concurrency={self.concurrency})"
+        )
+
+    @property
+    def started(self) -> anyio.Event:
+        """Set once the worker is taking work."""
+        return self._started
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (as SIGTERM does)."""
+        self._stopping.set()
+        self._slot_freed.set()
+
+    async def run(self) -> None:
+        """Take and run invocations until :meth:`stop` or a signal, then drain."""
+        logger.info(
+            "worker %s consuming %s (concurrency %d)",
+            self.worker_id,
+            list(self.queues),
+            self.concurrency,
+        )
+        async with anyio.create_task_group() as outer:
+            if self.handle_signals:
+                outer.start_soon(self._watch_signals)
+            outer.start_soon(self._heartbeat)
+            async with anyio.create_task_group() as work:
+                self._started.set()
+                await self._receive_loop(work)
+                await self._drain(work)
+            outer.cancel_scope.cancel()
+        logger.info("worker %s stopped: %s", self.worker_id, self.stats)
+
+    async def _receive_loop(self, work: anyio.abc.TaskGroup) -> None:
+        # Receiving is never cancelled half-way (it waits at most poll_wait), so no entry
+        # is taken and then forgotten: what arrives after a stop request goes back.
+        while not self._stopping.is_set():
+            free = self.concurrency - len(self._inflight)
+            if free <= 0:
+                self._slot_freed = anyio.Event()
+                if not self._stopping.is_set():
+                    await self._slot_freed.wait()
+                continue
+            try:
+                deliveries = await self.app.broker.receive(
+                    self.queues,
+                    free,
+                    consumer=self.worker_id,
+                    visibility_timeout=self.visibility_timeout,
+                    wait=self.poll_wait,
+                )
+            except AcallError as exc:
+                logger.warning("receiving failed (%s); retrying in 1 s", exc)
+                await anyio.sleep(1.0)
+                continue
+            if self._stopping.is_set():
+                if deliveries:
+                    await self.app.broker.release(deliveries)
+                    self.stats.released += len(deliveries)
+                break
+            for delivery in deliveries:
+                self._inflight[delivery.receipt] = delivery
+                self.stats.received += 1
+                work.start_soon(self._process, delivery)
+
+    async def _drain(self, work: anyio.abc.TaskGroup) -> None:
+        if not self._inflight:
+            return
+        logger.info(
+            "stopping: waiting up to %.1f s for %d running invocations",
+            self.grace_period,
+            len(self._inflight),
+        )
+        with anyio.move_on_after(self.grace_period):
+            while self._inflight:
+                self._slot_freed = anyio.Event()
+                await self._slot_freed.wait()
+        if self._inflight:
+            logger.warning(
+                "grace period over: cancelling %d invocations; they will be redelivered",
+                len(self._inflight),
+            )
+            work.cancel_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logger.info("received %s: stopping gracefully", signal.Signals(signum).name)
+                self.stop()
+
+    async def _heartbeat(self) -> None:
+        interval = max(0.05, self.visibility_timeout / 3)
+        while True:
+            await anyio.sleep(interval)
+            if self._inflight:
+                try:
+                    await self.app.broker.extend(
+                        list(self._inflight.values()), self.visibility_timeout
+                    )
+                except AcallError as exc:
+                    logger.warning("extending visibility failed: %s", exc)
+
+    # -- one invocation --------------------------------------------------------------
+
+    async def _process(self, delivery: Delivery) -> None:
+        try:
+            await self._run_delivery(delivery)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._give_back(delivery)
+            raise
+        except Exception:
+            # The outcome could not be recorded (broker down...): leave the entry
+            # unacknowledged so it is delivered again.
+            logger.exception("invocation %s: could not record its outcome", delivery.invocation_id)
+        finally:
+            self._inflight.pop(delivery.receipt, None)
+            self._slot_freed.set()
+
+    async def _give_back(self, delivery: Delivery) -> None:
+        try:
+            record = await self.app.broker.get(delivery.invocation_id)
+            if record is not None and record.status is InvocationStatus.RUNNING:
+                await self.app.broker.update(
+                    attrs.evolve(record, status=InvocationStatus.PENDING, updated_at=time.time())
+                )
+            await self.app.broker.release([delivery])
+            self.stats.released += 1
+        except Exception:
+            logger.exception("invocation %s: could not hand it back", delivery.invocation_id)
+
+    async def _run_delivery(self, delivery: Delivery) -> None:
+        broker = self.app.broker
+        record = await broker.get(delivery.invocation_id)
+        if record is None:
+            logger.warning(
+                "invocation %s has no record; dropping its entry", delivery.invocation_id
+            )
+            await broker.ack(delivery)
+            return
+        log = _InvocationLog(
+            logger,
+            {
+                "invocation_id": record.invocation_id,
+                "task": record.call_id.task_id.key,
+                "call_key": record.call_id.key,
+            },
+        )
+        if record.status.is_final:
+            log.info("already %s (duplicate delivery); acknowledging", record.status.value)
+            self.stats.duplicates += 1
+            await broker.ack(delivery)
+            return
+        now = time.time()
+        running = attrs.evolve(
+            record,
+            status=InvocationStatus.RUNNING,
+            attempt=record.attempt + 1,
+            worker_id=self.worker_id,
+            updated_at=now,
+        )
+        await broker.update(running)
+        log.debug("attempt %d started", running.attempt)
+        task = self.app.get_task(record.call_id.task_id.key)
+        started = time.perf_counter()
+        try:
+            if task is None:
+                raise UnknownTaskError(
+                    f"task {record.call_id.task_id.key!r} is not registered in this worker's "
+                    "app (is its module imported by the app module?)"
+                )
+            value = await self._execute(task, running)
+            serialized = await self.app.codec.encode(
+                task.unstructure_result(value), name="<result>"
+            )
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            await self._failed(delivery, running, task, exc, log)
+            return
+        done = attrs.evolve(
+            running,
+            status=InvocationStatus.SUCCESS,
+            result=serialized,
+            error=None,
+            updated_at=time.time(),
+        )
+        await broker.update(done)
+        await broker.ack(delivery)
+        self.stats.succeeded += 1
+        log.info("succeeded in %.3f s", time.perf_counter() - started)
+
+    async def _execute(self, task: Task[Any, Any], record: InvocationRecord) -> Any:
+        lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, self.app.codec, record.call)
+        arguments = await lazy.arguments()
+        timeout = record.timeout
+        _current.set(
+            InvocationContext(
+                record.invocation_id, task.key, record.attempt, record.max_retries, self.worker_id
+            )
+        )
+        if task.is_async:
+            if timeout is None:
+                return await task.invoke(arguments)
+            with anyio.fail_after(timeout):
+                return await task.invoke(arguments)
+        # A thread cannot be interrupted: on timeout it is abandoned and its result
+        # discarded; the limiter slot stays taken until it really returns.
+        with anyio.fail_after(timeout):
+            return await anyio.to_thread.run_sync(
+                task.invoke, arguments, limiter=self._threads, abandon_on_cancel=True
+            )
+
+    async def _failed(
+        self,
+        delivery: Delivery,
+        record: InvocationRecord,
+        task: Task[Any, Any] | None,
+        exc: Exception,
+        log: _InvocationLog,
+    ) -> None:
+        info = error_info(self.app.serializer, exc)
+        now = time.time()
+        retry = (
+            task is not None
+            and not isinstance(exc, _PERMANENT)
+            and task.options.retry.should_retry(exc, record.attempt)
+        )
+        if retry:
+            assert task is not None
+            delay = task.options.retry.delay(record.attempt)
+            retrying = attrs.evolve(
+                record,
+                status=InvocationStatus.RETRYING,
+                error=info,
+                not_before=now + delay,
+                updated_at=now,
+            )
+            await self.app.broker.retry(delivery, retrying, delay)
+            self.stats.retried += 1
+            log.warning(
+                "attempt %d failed (%s: %s); retrying in %.2f s",
+                record.attempt,
+                info.type_name,
+                info.message,
+                delay,
+            )
+            return
+        failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
+        await self.app.broker.update(failed)
+        await self.app.broker.ack(delivery)
+        self.stats.failed += 1
+        log.warning("failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message)

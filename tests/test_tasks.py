@@ -1,0 +1,151 @@
+"""Apps, task registration, submission options and retry policy."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from acall import App, ConfigurationError, InvocationStatus
+from acall.calls import ConcurrencyMode
+from acall.hashing import REFERENCE_PREFIX
+from acall.tasks import RetryPolicy
+from helpers import CountingStore
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    application = App("memory://", CountingStore())
+    async with application:
+        yield application
+
+
+def test_bare_and_configured_decorators(app: App) -> None:
+    @app.task
+    async def plain(x: int) -> int:
+        return x
+
+    @app.task(name="renamed", retries=2, queue="q", timeout=5)
+    def configured(x: int) -> int:
+        return x * 2
+
+    assert plain.key == "test_tasks.test_bare_and_configured_decorators.<locals>.plain"
+    assert configured.key == "test_tasks.renamed"
+    assert configured.options.retry.retries == 2
+    assert configured.options.queue == "q"
+    assert configured(21) == 42  # calling the task runs the function locally
+    assert app.get_task("test_tasks.renamed") is configured
+
+
+def test_control_keyword_names_are_reserved(app: App) -> None:
+    with pytest.raises(ConfigurationError, match="_queue"):
+
+        @app.task
+        async def bad(_queue: str) -> None: ...
+
+
+def test_keys_concurrency_needs_key_arguments(app: App) -> None:
+    with pytest.raises(ConfigurationError, match="key_arguments"):
+
+        @app.task(concurrency="keys")
+        async def bad(x: int) -> None: ...
+
+
+def test_a_different_function_cannot_take_a_registered_key(app: App) -> None:
+    @app.task(name="same")
+    async def one() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="already registered"):
+
+        @app.task(name="same")
+        async def two() -> None: ...
+
+
+async def test_submit_stores_a_pending_record(app: App) -> None:
+    @app.task(queue="fast", timeout=3)
+    async def job(a: int, b: str = "x") -> None: ...
+
+    handle = await job.submit(1, _delay=60)
+    record = await handle.record()
+    assert record.status is InvocationStatus.PENDING
+    assert record.queue == "fast"
+    assert record.timeout == 3
+    assert record.not_before is not None
+    assert record.call.serialized_arguments == {"a": "1", "b": '"x"'}
+    assert record.call_id.key == f"{job.key}:{record.call_id.args_id}"
+    other = await job.submit(2, _queue="slow", _timeout=9)
+    record = await other.record()
+    assert (record.queue, record.timeout) == ("slow", 9)
+
+
+async def test_submit_many_shares_common_arguments(app: App) -> None:
+    store = app.store
+    assert isinstance(store, CountingStore)
+
+    @app.task
+    async def job(table: dict[str, int], key: str) -> int:
+        return table[key]
+
+    table = {f"k{i}": i for i in range(5000)}
+    handles = await job.submit_many([{"key": f"k{i}"} for i in range(120)], common_args={"table": table})
+    assert len(handles) == 120
+    assert store.calls["put"] == 1
+    records = [await h.record() for h in handles]
+    refs = {r.call.serialized_arguments["table"] for r in records}
+    assert len(refs) == 1
+    assert next(iter(refs)).startswith(REFERENCE_PREFIX)
+    assert len({r.invocation_id for r in records}) == 120
+
+
+async def test_concurrent_submitters_are_deduplicated(app: App) -> None:
+    @app.task(concurrency=ConcurrencyMode.KEYS, key_arguments=["user"])
+    async def job(user: int, note: str) -> None: ...
+
+    handles: list[Any] = []
+
+    async def submit(i: int) -> None:
+        handles.append(await job.submit(7, f"note {i}"))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(30):
+            tg.start_soon(submit, i)
+    assert len({h.invocation_id for h in handles}) == 1
+    assert sum(not h.deduplicated for h in handles) == 1
+    other = await job.submit(8, "x")
+    assert other.invocation_id != handles[0].invocation_id
+
+
+async def test_task_concurrency_allows_one_per_task(app: App) -> None:
+    @app.task(concurrency=ConcurrencyMode.TASK)
+    async def job(x: int) -> None: ...
+
+    first = await job.submit(1)
+    second = await job.submit(2)
+    assert second.deduplicated
+    assert second.invocation_id == first.invocation_id
+
+
+def test_retry_policy() -> None:
+    random.seed(5)
+    policy = RetryPolicy(retries=3, backoff=1.0, backoff_max=3.0, jitter=0.25, retry_on=(KeyError,))
+    delays = [policy.delay(n) for n in (1, 2, 3, 4)]
+    assert 0.75 <= delays[0] <= 1.25
+    assert 1.5 <= delays[1] <= 2.5
+    assert 2.25 <= delays[2] <= 3.75  # capped at 3, then jittered
+    assert policy.should_retry(KeyError("x"), 3)
+    assert not policy.should_retry(KeyError("x"), 4)
+    assert not policy.should_retry(ValueError("x"), 1)
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(retries=-1)
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(jitter=2)
+
+
+async def test_exceptions_in_the_app_block_are_not_wrapped() -> None:
+    application = App("memory://")
+    with pytest.raises(KeyError):
+        async with application:
+            raise KeyError("plain")

@@ -1,0 +1,284 @@
+"""The asyncio worker in-process on the memory broker: outcomes, retries, timeouts,
+limits and shutdown. Cross-process behaviour (SIGKILL, CLI) is in test_worker_process."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+import worker_app as wa
+
+from acall import (
+    App,
+    BlobNotFoundError,
+    InvocationStatus,
+    UnknownTaskError,
+    ResultTimeoutError,
+)
+from acall.calls import ConcurrencyMode
+from acall.hashing import REFERENCE_PREFIX
+from acall.worker import Worker
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    wa.app.configure(broker="memory://", store="memory://")
+    async with wa.app:
+        yield wa.app
+
+
+async def _with_worker(app: App, body: Any, **options: Any) -> Worker:
+    worker = Worker(app, handle_signals=False, poll_wait=0.05, **options)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.started.wait()
+        try:
+            with anyio.fail_after(30):
+                await body()
+        finally:
+            worker.stop()
+    return worker
+
+
+async def test_async_and_sync_tasks_round_trip(app: App) -> None:
+    async def body() -> None:
+        h1 = await wa.add.submit(2, 3)
+        h2 = await wa.multiply_sync.submit(4, b=5)
+        assert await h1.result(timeout=5) == 5
+        assert await h2.result(timeout=5) == 20
+        assert await h1.status() is InvocationStatus.SUCCESS
+        record = await h2.record()
+        assert record.attempt == 1
+        assert record.worker_id is not None
+
+    worker = await _with_worker(app, body)
+    assert worker.stats.succeeded == 2
+
+
+async def test_typed_return_value(app: App) -> None:
+    async def body() -> None:
+        h = await wa.summarize.submit([1.0, 2.5])
+        assert await h.result(timeout=5) == wa.Summary(2, 3.5)
+
+    await _with_worker(app, body)
+
+
+async def test_task_exception_comes_back_as_itself(app: App) -> None:
+    async def body() -> None:
+        h = await wa.explode.submit("kaboom")
+        with pytest.raises(wa.CustomError, match="kaboom") as info:
+            await h.result(timeout=5)
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert h.invocation_id in notes
+        assert "remote traceback" in notes
+        record = await h.record()
+        assert record.status is InvocationStatus.FAILED
+        assert record.error is not None
+        assert record.error.type_name == "worker_app.CustomError"
+
+    await _with_worker(app, body)
+
+
+async def test_retries_until_success(app: App) -> None:
+    async def body() -> None:
+        h = await wa.flaky.submit(3)
+        assert await h.result(timeout=10) == 3
+        record = await h.record()
+        assert record.attempt == 3
+        assert record.status is InvocationStatus.SUCCESS
+
+    worker = await _with_worker(app, body)
+    assert worker.stats.retried == 2
+
+
+async def test_retries_exhausted(app: App) -> None:
+    async def body() -> None:
+        h = await wa.flaky.submit(10)
+        with pytest.raises(wa.CustomError, match="attempt 4"):
+            await h.result(timeout=10)
+        assert (await h.record()).attempt == 4
+
+    await _with_worker(app, body)
+
+
+async def test_exceptions_outside_retry_on_fail_at_once(app: App) -> None:
+    async def body() -> None:
+        h = await wa.wrong_kind.submit()
+        with pytest.raises(ValueError, match="not retried"):
+            await h.result(timeout=5)
+        assert (await h.record()).attempt == 1
+
+    await _with_worker(app, body)
+
+
+@pytest.mark.parametrize("task_name", ["sleepy", "sleepy_sync"])
+async def test_timeouts(app: App, task_name: str) -> None:
+    task = getattr(wa, task_name)
+
+    async def body() -> None:
+        fast = await task.submit(0.01)
+        slow = await task.submit(2.0)
+        assert await fast.result(timeout=5) == "woke"
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await slow.result(timeout=5)
+        assert time.monotonic() - started < 1.5
+
+    await _with_worker(app, body)
+
+
+async def test_large_arguments_and_results_are_offloaded(app: App) -> None:
+    blob = "abc" * 200_000
+
+    async def body() -> None:
+        h = await wa.echo_size.submit(blob)
+        record = await h.record()
+        assert record.call.serialized_arguments["blob"].startswith(REFERENCE_PREFIX)
+        assert await h.result(timeout=10) == blob.upper()
+        done = await h.record()
+        assert done.result is not None
+        assert done.result.startswith(REFERENCE_PREFIX)
+
+    await _with_worker(app, body)
+
+
+async def test_missing_blob_fails_the_invocation_and_worker_stays_healthy(app: App) -> None:
+    async def body() -> None:
+        h = await wa.echo_size.submit("q" * 5000)
+        ref = (await h.record()).call.serialized_arguments["blob"]
+        await app.store.delete(ref)
+        with pytest.raises(BlobNotFoundError) as info:
+            await h.result(timeout=5)
+        assert ref in str(info.value)
+        assert (await h.record()).attempt == 1  # not retried: retrying cannot help
+        assert await (await wa.add.submit(1, 1)).result(timeout=5) == 2
+
+    await _with_worker(app, body)
+
+
+async def test_unknown_task_fails_clearly(app: App) -> None:
+    other = App(app.broker, app.store)
+
+    @other.task(name="not_in_worker")
+    async def ghost() -> None: ...
+
+    async def body() -> None:
+        h = await ghost.submit()
+        with pytest.raises(UnknownTaskError, match="not registered"):
+            await app.handle(h.invocation_id).result(timeout=5)
+
+    await _with_worker(app, body)
+
+
+async def test_concurrency_bounds_running_and_prefetched(app: App) -> None:
+    running = 0
+    peak = 0
+
+    @app.task(name="probe")
+    async def probe() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.01)
+        running -= 1
+
+    async def body() -> None:
+        handles = [await probe.submit() for _ in range(60)]
+        for h in handles:
+            await h.result(timeout=10)
+
+    worker = await _with_worker(app, body, concurrency=4)
+    assert peak == 4
+    assert worker.stats.received == 60
+    del app.tasks[probe.key]
+
+
+async def test_dedup_returns_the_pending_invocation(app: App) -> None:
+    @app.task(name="dedup_probe", concurrency=ConcurrencyMode.ARGUMENTS)
+    async def dedup_probe(x: int) -> int:
+        await anyio.sleep(0.2)
+        return x
+
+    async def body() -> None:
+        first = await dedup_probe.submit(1)
+        second = await dedup_probe.submit(1)
+        other = await dedup_probe.submit(2)
+        assert second.deduplicated
+        assert second.invocation_id == first.invocation_id
+        assert not other.deduplicated
+        assert await second.result(timeout=5) == 1
+        third = await dedup_probe.submit(1)  # the first is final now: a new invocation
+        assert not third.deduplicated
+        assert third.invocation_id != first.invocation_id
+        assert await third.result(timeout=5) == 1
+
+    await _with_worker(app, body)
+    del app.tasks[dedup_probe.key]
+
+
+async def test_graceful_stop_finishes_running_work(app: App) -> None:
+    worker = Worker(app, handle_signals=False, poll_wait=0.05, concurrency=4, grace_period=5)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        handles = [await wa.slow_square.submit(i, 0.3) for i in range(4)]
+        with anyio.fail_after(5):
+            while worker.stats.received < 4:
+                await anyio.sleep(0.01)
+        worker.stop()
+    assert worker.stats.succeeded == 4
+    assert [await h.result(timeout=1) for h in handles] == [0, 1, 4, 9]
+
+
+async def test_grace_period_over_hands_work_back(app: App) -> None:
+    first = Worker(app, handle_signals=False, poll_wait=0.05, concurrency=2, grace_period=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        handles = [await wa.slow_square.submit(i, 1.0) for i in range(2)]
+        with anyio.fail_after(5):
+            while first.stats.received < 2:
+                await anyio.sleep(0.01)
+        first.stop()
+    assert first.stats.released == 2
+    assert {await h.status() for h in handles} == {InvocationStatus.PENDING}
+
+    async def body() -> None:
+        assert [await h.result(timeout=10) for h in handles] == [0, 1]
+
+    second = await _with_worker(app, body)
+    assert second.stats.succeeded == 2
+
+
+async def test_final_invocation_delivered_again_is_not_rerun(app: App) -> None:
+    """A worker that recorded SUCCESS and died before acking: the redelivered entry is
+    acknowledged without running the task again."""
+    h = await wa.add.submit(1, 2)
+    (delivery,) = await app.broker.receive(
+        ["default"], 1, consumer="dead-worker", visibility_timeout=0.2, wait=1
+    )
+    record = await h.record()
+    await app.broker.update(attrs.evolve(record, status=InvocationStatus.SUCCESS, result="3"))
+    # ... and no ack: the entry comes back after the visibility timeout.
+    worker = Worker(app, handle_signals=False, poll_wait=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        try:
+            with anyio.fail_after(10):
+                while worker.stats.duplicates == 0:
+                    await anyio.sleep(0.01)
+        finally:
+            worker.stop()
+    assert delivery.invocation_id == h.invocation_id
+    assert worker.stats.succeeded == 0
+    assert await h.result(timeout=1) == 3
+    assert await app.broker.pending_count("default") == 0
+
+
+async def test_result_timeout(app: App) -> None:
+    h = await wa.add.submit(1, 1)  # no worker running
+    with pytest.raises(ResultTimeoutError, match="did not finish"):
+        await h.result(timeout=0.1)
+    assert await h.status() is InvocationStatus.PENDING
