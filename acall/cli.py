@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,9 @@ import anyio
 from acall.errors import AcallError
 
 __all__ = ["load_app", "main"]
+
+
+_INVOCATION_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 
 
 class CliError(Exception):
@@ -50,8 +54,12 @@ def load_app(spec: str) -> Any:
 
 
 def _configure(app: Any, broker: str | None, store: str | None) -> None:
-    if broker is not None or store is not None:
-        app.configure(broker=broker if broker is not None else app.broker.url, store=store)
+    if broker is not None:
+        app.configure(broker=broker, store=store)
+    elif store is not None:
+        # Keep the app's broker object itself: its URL is shown redacted, so reopening
+        # it from app.broker.url would lose a password.
+        app.configure(broker=app.broker, store=store)
 
 
 async def _run_worker(args: argparse.Namespace) -> None:
@@ -83,7 +91,7 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         _configure(app, args.broker, args.store)
     async with app:
         target = args.key
-        record = await app.broker.get(target)
+        record = await app.broker.get(target) if _INVOCATION_ID.fullmatch(target) else None
         if record is None:
             try:
                 call_id = CallId.from_key(target)

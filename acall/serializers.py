@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import builtins
+import contextlib
 import importlib
 import json
 import marshal
@@ -239,6 +240,26 @@ def _enum_pass(obj: Any) -> Any:
     return obj
 
 
+@contextlib.contextmanager
+def _encoding_errors(obj: Any) -> Iterator[None]:
+    """Turn the encoder's TypeError / ValueError / RecursionError into SerializationError."""
+    try:
+        yield
+    except SerializationError:
+        raise
+    except RecursionError:
+        raise SerializationError(
+            f"cannot JSON-serialize {describe_value(obj)}: it is nested too deeply or "
+            "contains itself",
+            type_name=_type_name(type(obj)),
+        ) from None
+    except (TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"cannot JSON-serialize {describe_value(obj)}: {exc}",
+            type_name=_type_name(type(obj)),
+        ) from exc
+
+
 class JsonSerializer:
     """pynenc-compatible JSON with safe loading; the default serializer.
 
@@ -270,21 +291,8 @@ class JsonSerializer:
         :raises SerializationError: naming the type and a truncated repr of the value
             that cannot be encoded.
         """
-        try:
+        with _encoding_errors(obj):
             return self._encode(obj)
-        except SerializationError:
-            raise
-        except RecursionError:
-            raise SerializationError(
-                f"cannot JSON-serialize {describe_value(obj)}: it is nested too deeply or "
-                "contains itself",
-                type_name=_type_name(type(obj)),
-            ) from None
-        except (TypeError, ValueError) as exc:
-            raise SerializationError(
-                f"cannot JSON-serialize {describe_value(obj)}: {exc}",
-                type_name=_type_name(type(obj)),
-            ) from exc
 
     def iter_dumps(self, obj: Any) -> Iterator[str]:
         """Yield pieces whose concatenation equals :meth:`dumps` of *obj*.
@@ -293,21 +301,8 @@ class JsonSerializer:
         a whole call, so encoding a 100 MB value in one call would freeze the event loop.
         Each piece here costs about :attr:`chunk_chars` characters of work.
         """
-        try:
+        with _encoding_errors(obj):
             yield from self._iter_encode(obj)
-        except SerializationError:
-            raise
-        except RecursionError:
-            raise SerializationError(
-                f"cannot JSON-serialize {describe_value(obj)}: it is nested too deeply or "
-                "contains itself",
-                type_name=_type_name(type(obj)),
-            ) from None
-        except (TypeError, ValueError) as exc:
-            raise SerializationError(
-                f"cannot JSON-serialize {describe_value(obj)}: {exc}",
-                type_name=_type_name(type(obj)),
-            ) from exc
 
     # Containers this small are walked item by item: the per-item overhead is nothing and
     # a single huge item (a 100 MB string under one key) still gets split.

@@ -17,5 +17,5 @@ acall_venv() {
   .venv/bin/python -m pip install -q --upgrade "pip>=25.1"
   local groups=()
   for g in "$@"; do groups+=(--group "$g"); done
-  .venv/bin/python -m pip install -q -e ".[redis]" "${groups[@]}"
+  .venv/bin/python -m pip install -q -e ".[redis,zstd]" "${groups[@]}"
 }
