@@ -47,6 +47,9 @@ __all__ = [
 
 R = TypeVar("R")
 
+# Inline texts shorter than this are decoded on the loop in LazyCall's fast path.
+_INLINE_FAST = 4096
+
 
 class ConcurrencyMode(enum.StrEnum):
     """Which calls count as "the same" for concurrency control (as in pynenc).
@@ -241,13 +244,14 @@ class Call(_CallBase[R]):
     asking before raises :class:`~acall.errors.NotSerializedError`.
     """
 
-    __slots__ = ("_args_id", "_arguments", "_done", "_flight", "_serialized")
+    __slots__ = ("_args_id", "_arguments", "_done", "_flight", "_serialized", "_staged")
 
     def __init__(self, spec: TaskSpec, codec: OffloadCodec, arguments: Mapping[str, Any]) -> None:
         self.spec = spec
         self.codec = codec
         self._arguments = dict(arguments)
         self._done: dict[str, str] = {}
+        self._staged: dict[str, Prepared] = {}
         self._serialized: dict[str, str] | None = None
         self._args_id: str | None = None
         self._flight: SingleFlight[int, dict[str, str]] | None = None
@@ -301,8 +305,41 @@ class Call(_CallBase[R]):
         if self._serialized is not None:
             return self._serialized
         if self._flight is None:
+            # Most calls have only small inline arguments: encode them right here, with
+            # no await in between (so no other task can interleave) and no flight.
+            if self._encode_inline(self._pending_names()):
+                self._serialized = {name: self._done[name] for name in self._names_in_order()}
+                return self._serialized
             self._flight = SingleFlight()
         return await self._flight.run(0, self._serialize_all)
+
+    def _encode_inline(self, names: list[str]) -> bool:
+        """Encode small arguments synchronously; False if any needs the async path.
+
+        Results are kept in ``_done`` (inline text) or ``_staged`` (values to offload),
+        so the async path does not encode them again.
+        """
+        spec, codec = self.spec, self.codec
+        types = spec.param_types
+        complete = True
+        for name in names:
+            value = self._arguments[name]
+            if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
+                complete = False
+                continue
+            try:
+                if types:
+                    value = types.unstructure(name, value)
+                prep = codec.prepare_small(value, offload=spec.offload_allowed(codec, name))
+            except Exception:
+                return False  # the async path reports every failure together
+            if prep.inline is None:
+                self._staged[name] = prep
+                complete = False
+            else:
+                codec.stats["inline_chars"] += len(prep.inline)
+                self._done[name] = prep.inline
+        return complete
 
     async def _serialize_all(self) -> dict[str, str]:
         if self._serialized is None:
@@ -343,6 +380,10 @@ class Call(_CallBase[R]):
         to_commit: list[tuple[str, Prepared]] = []
         large: list[tuple[str, Any, bool]] = []
         for name in names:
+            staged = self._staged.pop(name, None)
+            if staged is not None:
+                to_commit.append((name, staged))
+                continue
             value = self._arguments[name]
             offload = spec.offload_allowed(codec, name)
             try:
@@ -532,6 +573,16 @@ class LazyCall(_CallBase[R]):
 
     async def arguments(self) -> dict[str, Any]:
         """Load every argument: one batched fetch for all references, cached."""
+        if not self._loaded and not self.spec.param_types:
+            # Common case first: every argument inline and small, nothing typed.
+            loads = self.codec.serializer.loads
+            texts = self._serialized.values()
+            if all(len(t) < _INLINE_FAST and not t.startswith(REFERENCE_PREFIX) for t in texts):
+                try:
+                    self._loaded = {n: loads(t) for n, t in self._serialized.items()}
+                    return dict(self._loaded)
+                except DeserializationError:
+                    self._loaded = {}  # the slow path names the argument that failed
         missing = [n for n in self._serialized if n not in self._loaded]
         if missing:
             await self._load(missing)

@@ -26,6 +26,7 @@ import importlib
 import json
 import marshal
 import pickle
+import re
 import sys
 from collections.abc import Callable, Collection, Iterator
 from enum import Enum
@@ -60,6 +61,11 @@ ENUM_KEY: Final = "__pynenc__enum__"
 _ENVELOPE_MARKER: Final = "__pynenc__"
 
 _REPR_LIMIT: Final = 200
+
+# loads() shortcuts for short texts (see there).
+_SHORT: Final = 64
+_LITERALS: Final[dict[str, Any]] = {"true": True, "false": False, "null": None}
+_SMALL_INT: Final = re.compile(r"-?(?:0|[1-9][0-9]{0,17})")
 
 
 class Serializer(Protocol):
@@ -119,6 +125,20 @@ def _type_name(cls: type) -> str:
 
 
 # --------------------------------------------------------------------------- encoding
+
+
+def _float_text(value: float) -> str:
+    """A float as json.dumps writes it (allow_nan: NaN and Infinity, as pynenc does)."""
+    if value != value:
+        return "NaN"
+    if value == _INF:
+        return "Infinity"
+    if value == -_INF:
+        return "-Infinity"
+    return float.__repr__(value)
+
+
+_INF: Final = float("inf")
 
 
 def _enum_envelope(obj: Enum) -> dict[str, Any]:
@@ -310,7 +330,20 @@ class JsonSerializer:
 
     def _encode(self, obj: Any) -> str:
         """One C-encoder call, after pynenc's enum pre-pass where it changes anything."""
-        if type(obj) not in _SCALARS and not _is_plain(obj) and _needs_enum_pass(obj):
+        kind = type(obj)
+        # Exact scalar types take a shortcut: JSONEncoder.encode builds a C encoder per
+        # call for anything but a str, which costs more than the encoding itself.
+        if kind is str:
+            return str(encode_basestring_ascii(obj))
+        if kind is int:
+            return int.__repr__(obj)
+        if obj is None:
+            return "null"
+        if kind is bool:
+            return "true" if obj else "false"
+        if kind is float:
+            return _float_text(obj)
+        if not _is_plain(obj) and _needs_enum_pass(obj):
             obj = _enum_pass(obj)
         return str(self._encoder.encode(obj))
 
@@ -394,6 +427,17 @@ class JsonSerializer:
             raise DeserializationError(
                 f"JsonSerializer.loads expects str, got {type(text).__name__}"
             )
+        if len(text) <= _SHORT:
+            # Small scalars are most arguments; json.loads costs several times more than
+            # recognising them. Anything not matched exactly falls through to json.loads.
+            if text in _LITERALS:
+                return _LITERALS[text]
+            if _SMALL_INT.fullmatch(text):
+                return int(text)
+            if text[:1] == '"' and text[-1:] == '"' and len(text) > 1:
+                inner = text[1:-1]
+                if inner.isprintable() and '"' not in inner and "\\" not in inner:
+                    return inner
         try:
             value = json.loads(text)
         except (ValueError, RecursionError) as exc:

@@ -283,6 +283,12 @@ class App:
 
     async def wait_final(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         """Wait until the invocation reaches SUCCESS or FAILED; return its record."""
+        # Often it is already done: one read, and no timer to set up.
+        record = await self.broker.get(invocation_id)
+        if record is None:
+            raise TaskError(f"unknown invocation {invocation_id!r}")
+        if record.status.is_final:
+            return record
         if timeout is None:
             return await self._waiter.wait(invocation_id)
         try:

@@ -18,6 +18,7 @@ a grace period, then cancels what is left and hands those entries back to the br
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import os
@@ -114,7 +115,7 @@ class _Outcome:
     def __init__(self, delivery: Delivery, record: InvocationRecord) -> None:
         self.delivery = delivery
         self.record = record
-        self.done = anyio.Event()
+        self.done = False
         self.error: BaseException | None = None
 
 
@@ -139,7 +140,7 @@ class _Finisher:
     async def finish(self, delivery: Delivery, record: InvocationRecord) -> None:
         outcome = _Outcome(delivery, record)
         self._pending.append(outcome)
-        while not outcome.done.is_set():
+        while not outcome.done:
             if self._writing:
                 await self._round.wait()
                 continue
@@ -172,7 +173,7 @@ class _Finisher:
         finally:
             for o in batch:
                 o.error = error
-                o.done.set()
+                o.done = True
 
 
 class Worker:
@@ -223,6 +224,9 @@ class Worker:
         self._stopping = anyio.Event()
         self._started = anyio.Event()
         self._finisher = _Finisher(app.broker)
+        self._queue: collections.deque[Delivery] = collections.deque()
+        self._work_ready = anyio.Event()
+        self._no_more_work = False
 
     def __repr__(self) -> str:
         return (
@@ -251,14 +255,46 @@ class Worker:
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
             outer.start_soon(self._heartbeat)
+            # A fixed pool of consumer tasks fed from a queue: no task is created per
+            # invocation, and at most `concurrency` entries are ever held.
             async with anyio.create_task_group() as work:
+                for _ in range(self.concurrency):
+                    work.start_soon(self._consume)
                 self._started.set()
-                await self._receive_loop(work)
+                try:
+                    await self._receive_loop()
+                finally:
+                    self._no_more_work = True
+                    self._work_ready.set()
                 await self._drain(work)
             outer.cancel_scope.cancel()
+        if self._inflight:  # received but cancelled before they started
+            with anyio.CancelScope(shield=True):
+                await self._give_back_all(list(self._inflight.values()))
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
-    async def _receive_loop(self, work: anyio.abc.TaskGroup) -> None:
+    async def _consume(self) -> None:
+        queue = self._queue
+        while True:
+            if queue:
+                await self._process(queue.popleft())
+            elif self._no_more_work:
+                return
+            else:
+                ready = self._work_ready
+                await ready.wait()
+                if ready is self._work_ready:  # first to wake: re-arm for the next batch
+                    self._work_ready = anyio.Event()
+
+    async def _give_back_all(self, deliveries: list[Delivery]) -> None:
+        try:
+            await self.app.broker.release(deliveries)
+            self.stats.released += len(deliveries)
+        except Exception:
+            logger.exception("could not hand back %d entries", len(deliveries))
+        self._inflight.clear()
+
+    async def _receive_loop(self) -> None:
         # Receiving is never cancelled half-way (it waits at most poll_wait), so no entry
         # is taken and then forgotten: what arrives after a stop request goes back.
         while not self._stopping.is_set():
@@ -288,7 +324,9 @@ class Worker:
             for delivery in deliveries:
                 self._inflight[delivery.receipt] = delivery
                 self.stats.received += 1
-                work.start_soon(self._process, delivery)
+            if deliveries:
+                self._queue.extend(deliveries)
+                self._work_ready.set()
 
     async def _drain(self, work: anyio.abc.TaskGroup) -> None:
         if not self._inflight:

@@ -497,3 +497,44 @@ def test_property_enums_anywhere_match_pynenc_algorithm(value: Any) -> None:
     small = JsonSerializer()
     small.chunk_chars = 16  # type: ignore[misc]
     assert "".join(small.iter_dumps(value)) == expected
+
+
+@given(
+    st.one_of(
+        st.integers(),
+        st.floats(),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=70),
+    )
+)
+def test_scalar_shortcuts_match_json(value: Any) -> None:
+    ser = JsonSerializer()
+    text = ser.dumps(value)
+    assert text == json.dumps(value)
+    loaded = ser.loads(text)
+    expected = json.loads(text)
+    assert type(loaded) is type(expected)
+    assert loaded == expected or (loaded != loaded and expected != expected)  # NaN
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['"a\\"b"', '"\\u00e9"', "-0", "007", "1e5", "12345678901234567890", '"tab\\t"', '"x', "tru"],
+)
+def test_loads_shortcut_falls_back_exactly(text: str) -> None:
+    ser = JsonSerializer()
+    try:
+        expected = json.loads(text)
+    except ValueError:
+        with pytest.raises(DeserializationError):
+            ser.loads(text)
+        return
+    assert ser.loads(text) == expected
+    assert type(ser.loads(text)) is type(expected)
+
+
+@given(st.text(max_size=70))
+def test_loads_of_raw_unicode_strings(value: str) -> None:
+    text = json.dumps(value, ensure_ascii=False)
+    assert JsonSerializer().loads(text) == json.loads(text)
