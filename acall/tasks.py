@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import random
 import time
 import traceback
@@ -308,6 +309,9 @@ class _Waiter:
         self.wake = anyio.Event()
         self.record: InvocationRecord | None = None
 
+    def finished(self) -> bool:
+        return self.record is not None
+
 
 class _ResultWaiter:
     """Wakes every awaited handle of an app when its invocation finishes.
@@ -363,11 +367,12 @@ class _ResultWaiter:
 
     async def _lead(self, me: _Waiter) -> None:
         delay = 0.1
-        while me.record is None:
+        while not me.finished():
             try:
-                await self._check(list(self._waiters))
-                last_poll = time.monotonic()
                 async with contextlib.aclosing(self.broker.watch_final()) as stream:
+                    # The stream's first item comes as soon as it is subscribed: checking
+                    # everything then covers whatever finished before.
+                    last_poll = -math.inf
                     async for ids in stream:
                         now = time.monotonic()
                         if now - last_poll >= self.POLL_EVERY:
@@ -377,7 +382,7 @@ class _ResultWaiter:
                             due = [i for i in ids if i in self._waiters]
                         if due:
                             await self._check(due)
-                        if me.record is not None:
+                        if me.finished():
                             return
             except AcallError as exc:
                 logger.warning("watching results: %s; retrying in %.1f s", exc, delay)

@@ -32,7 +32,8 @@ async def main() -> None:
             worker.stop()
     stats = app.codec.stats
     print(f"{len(results)} calls, first results {results[:3]}")
-    print(f"the table was offloaded once: {stats['uploads']} upload(s), {stats['offloaded_bytes']:,} bytes")
+    uploads, size = stats["uploads"], stats["offloaded_bytes"]
+    print(f"the table was offloaded once: {uploads} upload(s), {size:,} bytes")
 
 
 if __name__ == "__main__":

@@ -23,16 +23,15 @@ async def word_count(text: str) -> int:
 
 async def main(url: str, with_worker: bool) -> None:
     app.configure(broker=url)
-    async with app:
-        async with anyio.create_task_group() as tg:
-            worker = Worker(app, handle_signals=False)
-            if with_worker:
-                tg.start_soon(worker.run)
-            book = "lorem ipsum dolor sit amet " * 50_000  # ~1.3 MB: offloaded to Redis
-            handles = [await word_count.submit(book[: 1000 * (i + 1)]) for i in range(5)]
-            handles.append(await word_count.submit(book))
-            counts = [await h.result(timeout=60) for h in handles]
-            worker.stop()
+    async with app, anyio.create_task_group() as tg:
+        worker = Worker(app, handle_signals=False)
+        if with_worker:
+            tg.start_soon(worker.run)
+        book = "lorem ipsum dolor sit amet " * 50_000  # ~1.3 MB: offloaded to Redis
+        handles = [await word_count.submit(book[: 1000 * (i + 1)]) for i in range(5)]
+        handles.append(await word_count.submit(book))
+        counts = [await h.result(timeout=60) for h in handles]
+        worker.stop()
     print(f"word counts: {counts}")
 
 

@@ -41,7 +41,12 @@ async def daily_report(day: dt.date, orders: list[Order]) -> Report:
 async def main() -> None:
     day = dt.date(2026, 11, 28)
     orders = [
-        Order(i, dt.datetime(2026, 11, 27 + i % 2, 9, tzinfo=dt.UTC), Decimal("9.99") * i, frozenset({"web"}))
+        Order(
+            i,
+            dt.datetime(2026, 11, 27 + i % 2, 9, tzinfo=dt.UTC),
+            Decimal("9.99") * i,
+            frozenset({"web"}),
+        )
         for i in range(1, 7)
     ]
     async with app:
@@ -50,7 +55,8 @@ async def main() -> None:
             tg.start_soon(worker.run)
             report = await (await daily_report.submit(day, orders)).result(timeout=10)
             worker.stop()
-    assert isinstance(report, Report) and isinstance(report.revenue, Decimal)
+    assert isinstance(report, Report)
+    assert isinstance(report.revenue, Decimal)
     print(report)
 
 

@@ -6,6 +6,8 @@ Python subprocesses racing each other on the same broker.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sqlite3
 import sys
 import textwrap
@@ -13,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import attrs
@@ -28,7 +30,7 @@ from acall.brokers import (
     SqliteBroker,
     open_broker,
 )
-from acall.dto import CallDTO, InvocationRecord, InvocationStatus, new_invocation_id
+from acall.dto import CallDTO, ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
 from acall.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -39,6 +41,8 @@ from acall.hashing import compute_args_id
 from acall.ids import CallId, TaskId
 from acall.stores import SqliteStore
 from acall.testing import RedisServer, free_port
+
+_T = TypeVar("_T")
 
 ARGS = {"x": "1", "name": '"ada"'}
 CALL = CallDTO(CallId(TaskId("tests.brokers", "work"), compute_args_id(ARGS)), ARGS)
@@ -283,7 +287,8 @@ async def test_stale_receipt_is_a_no_op(broker: Broker) -> None:
     await broker.release([stale])
     retrying = attrs.evolve(record, status=InvocationStatus.RETRYING, attempt=1)
     await broker.retry(stale, retrying, 0)
-    assert await broker.get(record.invocation_id) == record
+    assert current.record is not None
+    assert await broker.get(record.invocation_id) == current.record
     assert await broker.pending_count("default") == 1
     assert await _receive(broker, consumer="c3") == []
     forged = attrs.evolve(current, receipt="not-a-receipt")
@@ -512,7 +517,314 @@ async def test_invalid_input_is_rejected_before_the_backend(broker: Broker) -> N
         await broker.retry(delivery, _record(status=InvocationStatus.RETRYING), 1)
     with pytest.raises(ValueError, match="final"):
         await broker.retry(delivery, attrs.evolve(record, status=SUCCESS), 1)
-    assert await broker.counts() == {s: int(s is PENDING) for s in InvocationStatus}
+    assert await broker.counts() == {
+        s: int(s is InvocationStatus.RUNNING) for s in InvocationStatus
+    }
+
+
+# -- receive marks records RUNNING; finish; find_by_call ------------------------------------
+
+# Argument names that are also record fields, and values that look like record JSON:
+# a backend rewriting the record text (Redis, in Lua) must only touch the top level.
+TRICKY_ARGS = {
+    "status": '"pending"',
+    "attempt": "7",
+    "worker_id": '"x\\"y"',
+    "updated_at": "1.5",
+    "nested": '{"status":"failed","a":[1,{"b":"}]"}],"attempt":9}',
+    "ünïcode": '"ç/€"',
+}
+TRICKY_CALL = CallDTO(
+    CallId(TaskId("tests.brokers", "tricky"), compute_args_id(TRICKY_ARGS)), TRICKY_ARGS
+)
+
+
+def _outcome(
+    delivery: Delivery, status: InvocationStatus = SUCCESS, **changes: Any
+) -> tuple[Delivery, InvocationRecord]:
+    """A (delivery, final record) pair for finish(), from the record receive() returned."""
+    assert delivery.record is not None
+    return delivery, attrs.evolve(delivery.record, status=status, **changes)
+
+
+def _running(record: InvocationRecord, attempt: int, worker: str) -> Callable[[Any], bool]:
+    """A check that a delivered record is *record* marked RUNNING by *worker*."""
+
+    def check(claimed: Any) -> bool:
+        assert isinstance(claimed, InvocationRecord)
+        expected = attrs.evolve(
+            record,
+            status=InvocationStatus.RUNNING,
+            attempt=attempt,
+            worker_id=worker,
+            updated_at=claimed.updated_at,
+        )
+        assert claimed == expected
+        return True
+
+    return check
+
+
+async def test_receive_marks_the_record_running(broker: Broker) -> None:
+    record = _record(
+        call=TRICKY_CALL,
+        status=InvocationStatus.RETRYING,
+        attempt=2,
+        max_retries=5,
+        created_at=1764355524.1234567,  # every digit must survive the rewrite
+        timeout=2.5,
+        dedup_key="tricky",
+        error=ErrorInfo("ValueError", 'bad "value"\n', None, "Traceback ...}"),
+    )
+    plain = _record()
+    await broker.submit_many([record, plain])
+    before = time.time()
+    first, second = await _receive(broker, consumer="worker-ü 1")
+    after = time.time()
+    assert _running(record, 3, "worker-ü 1")(first.record)
+    assert _running(plain, 1, "worker-ü 1")(second.record)
+    assert first.record is not None
+    assert before - 1 <= first.record.updated_at <= after + 1
+    # The stored records agree with what was delivered.
+    assert await broker.get_many([record.invocation_id, plain.invocation_id]) == [
+        first.record,
+        second.record,
+    ]
+    assert (await broker.counts())[InvocationStatus.RUNNING] == 2
+
+
+async def test_redelivery_after_the_visibility_timeout_is_another_attempt(
+    broker: Broker,
+) -> None:
+    record = _record()
+    await broker.submit(record)
+    (first,) = await _receive(broker, consumer="c1", visibility_timeout=0.2)
+    assert _running(record, 1, "c1")(first.record)
+    await anyio.sleep(0.3)
+    (second,) = await _receive(broker, consumer="c2")
+    assert second.delivery_count == 2
+    assert _running(record, 2, "c2")(second.record)
+    assert await broker.get(record.invocation_id) == second.record
+
+
+async def test_a_final_record_is_delivered_unchanged(broker: Broker) -> None:
+    record = _record()
+    await broker.submit(record)
+    # Finished without acknowledging the entry (a worker that died between the two).
+    done = attrs.evolve(record, status=SUCCESS, attempt=1, result='"ok"', worker_id="old")
+    await broker.update(done)
+    (delivery,) = await _receive(broker, consumer="c2")
+    assert delivery.record == done
+    assert await broker.get(record.invocation_id) == done
+    assert (await broker.counts())[InvocationStatus.RUNNING] == 0
+
+
+async def test_finish_stores_acks_notifies_and_releases_the_dedup_key(broker: Broker) -> None:
+    record = _record(dedup_key="once")
+    await broker.submit(record)
+    watcher = _FinalWatcher(broker)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watcher.run)
+        await anyio.sleep(0.2)  # let the watcher subscribe
+        (delivery,) = await _receive(broker, visibility_timeout=0.2)
+        assert delivery.record is not None
+        done = attrs.evolve(delivery.record, status=SUCCESS, result='"ok"')
+        await broker.finish([(delivery, done)])
+        assert await broker.get(record.invocation_id) == done
+        assert await broker.pending_count("default") == 0
+
+        async def seen() -> bool:
+            return record.invocation_id in watcher.seen
+
+        await _until(seen, 3.0, "watch_final reporting the finished invocation")
+        tg.cancel_scope.cancel()
+    await anyio.sleep(0.3)  # past the visibility timeout: still never redelivered
+    assert await _receive(broker, consumer="c2") == []
+    again = _record(dedup_key="once")
+    assert await broker.submit(again) == again, "the dedup key was released"
+    assert await broker.counts() == {
+        PENDING: 1,
+        InvocationStatus.RUNNING: 0,
+        InvocationStatus.RETRYING: 0,
+        SUCCESS: 1,
+        InvocationStatus.FAILED: 0,
+    }
+    await broker.finish([])  # an empty batch does nothing
+
+
+async def test_finish_with_a_stale_receipt_the_first_outcome_wins(broker: Broker) -> None:
+    record = _record()
+    await broker.submit(record)
+    (stale,) = await _receive(broker, consumer="c1", visibility_timeout=0.2)
+    await anyio.sleep(0.3)
+    (current,) = await _receive(broker, consumer="c2", visibility_timeout=30)
+    assert stale.record is not None
+    assert current.record is not None
+    # c1 finishes late: its outcome is the first, so it is stored, but the entry is
+    # c2's now and stays in flight.
+    first = attrs.evolve(stale.record, status=SUCCESS, result='"from c1"')
+    await broker.finish([(stale, first)])
+    assert await broker.get(record.invocation_id) == first
+    assert await broker.pending_count("default") == 1
+    assert await _receive(broker, consumer="c3") == []
+    # c2 finishes too: its outcome does not overwrite the first, but its ack counts.
+    second = attrs.evolve(
+        current.record,
+        status=InvocationStatus.FAILED,
+        error=ErrorInfo("RuntimeError", "from c2"),
+    )
+    await broker.finish([(current, second)])
+    assert await broker.get(record.invocation_id) == first
+    assert await broker.pending_count("default") == 0
+    await broker.finish([(current, second)])  # again: harmless
+    assert await broker.get(record.invocation_id) == first
+    assert (await broker.counts())[SUCCESS] == 1
+
+
+async def test_finish_a_batch_in_one_call(broker: Broker) -> None:
+    records = [_record(dedup_key=f"k{i}", queue=("a", "b")[i % 2]) for i in range(200)]
+    await broker.submit_many(records)
+    deliveries = await _receive(broker, ["a", "b"], 200)
+    assert len(deliveries) == 200
+    outcomes = []
+    for i, delivery in enumerate(deliveries):
+        assert delivery.record is not None
+        status = SUCCESS if i % 3 else InvocationStatus.FAILED
+        outcomes.append((delivery, attrs.evolve(delivery.record, status=status)))
+    # The same invocation twice in one batch: the first outcome wins there too.
+    repeat = attrs.evolve(outcomes[1][1], status=InvocationStatus.FAILED, result='"late"')
+    await broker.finish([*outcomes, (deliveries[1], repeat)])
+    stored = await broker.get_many([d.invocation_id for d in deliveries])
+    assert stored == [record for _, record in outcomes]
+    assert await broker.pending_count("a") == 0
+    assert await broker.pending_count("b") == 0
+    counts = await broker.counts()
+    assert (counts[SUCCESS], counts[InvocationStatus.FAILED]) == (133, 67)
+    fresh = [_record(dedup_key=f"k{i}") for i in range(200)]
+    assert await broker.submit_many(fresh) == fresh, "every dedup key was released"
+
+
+async def test_finish_rejects_bad_outcomes_before_any_change(broker: Broker) -> None:
+    one, two = _record(), _record()
+    await broker.submit_many([one, two])
+    first, second = await _receive(broker)
+    assert first.record is not None
+    assert second.record is not None
+    done = attrs.evolve(first.record, status=SUCCESS)
+    for bad in (
+        attrs.evolve(second.record, status=InvocationStatus.RUNNING),
+        attrs.evolve(second.record, status=InvocationStatus.RETRYING),
+        attrs.evolve(second.record, status=PENDING),
+    ):
+        with pytest.raises(ValueError, match="SUCCESS or FAILED"):
+            await broker.finish([(first, done), (second, bad)])
+    with pytest.raises(ValueError, match="delivery is for"):
+        await broker.finish(
+            [(first, done), (first, attrs.evolve(done, invocation_id=two.invocation_id))]
+        )
+    with pytest.raises(TypeError):
+        await broker.finish([(first, done), first])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        await broker.finish([(done, first)])  # type: ignore[list-item]
+    assert await broker.get_many([one.invocation_id, two.invocation_id]) == [
+        first.record,
+        second.record,
+    ]
+    assert await broker.pending_count("default") == 2
+
+
+async def test_find_by_call_oldest_first(broker: Broker) -> None:
+    ours = [_record() for _ in range(3)]
+    other_args = {"x": "2"}
+    other_call = CallDTO(
+        CallId(TaskId("tests.brokers", "work"), compute_args_id(other_args)), other_args
+    )
+    other = _record(call=other_call)
+    await broker.submit(ours[0])
+    await broker.submit_many([other, ours[1], ours[2]])
+    key = CALL.call_id.key
+    assert await broker.find_by_call(key) == ours
+    assert await broker.find_by_call(key, limit=2) == ours[:2]
+    assert await broker.find_by_call(other_call.call_id.key) == [other]
+    unused = CallId(TaskId("tests.brokers", "unused"), compute_args_id(ARGS)).key
+    assert await broker.find_by_call(unused) == []
+    # Records come as they are now.
+    (delivery, *_) = await _receive(broker, max_items=1)
+    assert delivery.invocation_id == ours[0].invocation_id
+    assert (await broker.find_by_call(key, limit=1)) == [delivery.record]
+    for malformed in ("nope", "tests.brokers.work", "tests.brokers.work:abc", "", 42):
+        with pytest.raises(InvalidKeyError):
+            await broker.find_by_call(malformed)  # type: ignore[arg-type]
+    for limit in (0, -1, True, 1.5):
+        with pytest.raises(ConfigurationError, match="limit"):
+            await broker.find_by_call(key, limit=limit)  # type: ignore[arg-type]
+
+
+# -- finish is one step for a whole batch ---------------------------------------------------
+
+
+class _CountingMemoryBroker(MemoryBroker):
+    """Counts ``_finish`` calls (each runs without an await: one atomic step)."""
+
+    steps = 0
+
+    async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
+        self.steps += 1
+        await super()._finish(outcomes)
+
+
+class _CountingSqliteBroker(SqliteBroker):
+    """Counts worker-thread calls (each is at most one transaction)."""
+
+    steps = 0
+
+    async def _run(self, op: Callable[[sqlite3.Connection], _T], what: str) -> _T:
+        self.steps += 1
+        return await super()._run(op, what)
+
+
+class _CountingRedisBroker(RedisBroker):
+    """Counts round trips to Redis."""
+
+    steps = 0
+
+    async def _call(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
+        self.steps += 1
+        return await super()._call(what, operation)
+
+
+_Counting = _CountingMemoryBroker | _CountingSqliteBroker | _CountingRedisBroker
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+async def counting_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    broker: _Counting
+    if request.param == "memory":
+        broker = _CountingMemoryBroker()
+    elif request.param == "sqlite":
+        broker = _CountingSqliteBroker(tmp_path / "counting.db")
+    else:
+        redis_broker = _CountingRedisBroker.from_url(request.getfixturevalue("redis_url"))
+        assert isinstance(redis_broker, _CountingRedisBroker)
+        broker = redis_broker
+    async with broker:
+        yield broker
+
+
+@pytest.mark.parametrize("size", [200, 1100])
+async def test_finish_of_a_batch_is_one_step(counting_broker: _Counting, size: int) -> None:
+    broker = counting_broker
+    records = [_record(dedup_key=f"k{i}") for i in range(size)]
+    await broker.submit_many(records)
+    deliveries = await _receive(broker, max_items=size)
+    assert len(deliveries) == size
+    outcomes = [_outcome(d) for d in deliveries]
+    broker.steps = 0
+    await broker.finish(outcomes)
+    assert broker.steps == 1, f"finish took {broker.steps} steps for {size} outcomes"
+    assert (await broker.counts())[SUCCESS] == size
+    assert await broker.pending_count("default") == 0
+    assert await broker.submit(_record(dedup_key="k0")) != records[0]
 
 
 async def test_close_is_idempotent_and_final(broker_url: str) -> None:
@@ -655,7 +967,7 @@ def test_redis_url_options() -> None:
     assert (broker.prefix, broker.record_ttl, broker.port, broker.db) == ("app:", 60.0, 6390, 3)
     default = open_broker("rediss://h", record_ttl=None)
     assert isinstance(default, RedisBroker)
-    assert (default.prefix, default.record_ttl) == ("acall:", None)
+    assert (default.prefix, default.record_ttl) == ("acall:b:", None)
     assert open_broker("redis://h").record_ttl == 7 * 24 * 3600  # type: ignore[attr-defined]
 
 
@@ -732,8 +1044,8 @@ async def test_sqlite_shared_by_two_broker_instances(tmp_path: Path) -> None:
             await client.submit(record)
             with anyio.fail_after(3):
                 await received.wait()
-            assert await worker.submit(_record(dedup_key="shared")) == record
             (delivery,) = got
+            assert await worker.submit(_record(dedup_key="shared")) == delivery.record
             await worker.update(attrs.evolve(record, status=SUCCESS, result='"done"'))
             await worker.ack(delivery)
 
@@ -762,6 +1074,8 @@ async def test_sqlite_file_shared_with_a_store(tmp_path: Path) -> None:
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
         assert {"acall_invocations", "acall_dedup", "acall_counters", "acall_blobs"} <= tables
+        indexes = {row[1] for row in conn.execute("PRAGMA index_list(acall_invocations)")}
+        assert "acall_invocations_call" in indexes
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         conn.close()
@@ -820,7 +1134,9 @@ async def test_sqlite_never_blocks_the_event_loop(tmp_path: Path) -> None:
         assert max(gaps) < 0.1, f"event loop blocked for {max(gaps) * 1000:.0f} ms"
 
 
-async def test_sqlite_missing_directory_and_damaged_rows(tmp_path: Path) -> None:
+async def test_sqlite_missing_directory_and_damaged_rows(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async with open_broker(f"sqlite:///{tmp_path}/no/such/dir/broker.db") as broker:
         with pytest.raises(ConfigurationError, match="does not exist"):
             await broker.submit(_record())
@@ -836,6 +1152,17 @@ async def test_sqlite_missing_directory_and_damaged_rows(tmp_path: Path) -> None
             conn.close()
         with pytest.raises(BrokerError, match=f"record of invocation {record.invocation_id}"):
             await broker.get(record.invocation_id)
+        # Delivered without its record (a warning says why), not failing every receive.
+        with caplog.at_level(logging.WARNING, logger="acall.brokers"):
+            (delivery,) = await _receive(broker)
+        assert delivery.invocation_id == record.invocation_id
+        assert delivery.record is None
+        assert f"invocation {record.invocation_id} without its record" in caplog.text
+        # An outcome replaces the damaged record.
+        failed = attrs.evolve(record, status=InvocationStatus.FAILED)
+        await broker.finish([(delivery, failed)])
+        assert await broker.get(record.invocation_id) == failed
+        assert await broker.pending_count("default") == 0
 
 
 async def test_sqlite_finished_rows_are_purged_after_record_ttl(tmp_path: Path) -> None:
@@ -964,6 +1291,10 @@ async def test_redis_key_layout_and_record_ttl(redis_url: str, redis_server: Red
         await broker.submit(record)
         inv = f"t:inv:{record.invocation_id}"
         assert redis_server.command("PTTL", inv, db=db) == -1, "pending records never expire"
+        index = f"t:call:{CALL.call_id.key}"
+        assert redis_server.command("ZRANGE", index, 0, -1, db=db) == [
+            record.invocation_id.encode()
+        ]
         assert redis_server.command("GET", "t:dedup:key", db=db) == record.invocation_id.encode()
         groups = redis_server.command("XINFO", "GROUPS", "t:q:default", db=db)
         assert isinstance(groups, list)
@@ -1006,3 +1337,95 @@ async def test_redis_prefixes_isolate_brokers(redis_url: str) -> None:
         assert await two.get(record.invocation_id) is None
         assert [d.invocation_id for d in await _receive(two)] == [other.invocation_id]
         assert [d.invocation_id for d in await _receive(one)] == [record.invocation_id]
+
+
+@pytest.mark.redis
+async def test_redis_missing_and_damaged_records_are_delivered_as_none(
+    redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = int(redis_url.rsplit("/", 1)[1])
+    async with open_broker(redis_url) as broker:
+        gone, damaged, fine = _record(), _record(), _record()
+        await broker.submit_many([gone, damaged, fine])
+        assert redis_server.command("DEL", f"acall:b:inv:{gone.invocation_id}", db=db) == 1
+        redis_server.command("SET", f"acall:b:inv:{damaged.invocation_id}", "{not json", db=db)
+        with caplog.at_level(logging.WARNING, logger="acall.brokers"):
+            deliveries = await _receive(broker)
+        assert [d.invocation_id for d in deliveries] == [
+            gone.invocation_id,
+            damaged.invocation_id,
+            fine.invocation_id,
+        ]
+        assert [d.record is None for d in deliveries] == [True, True, False]
+        assert f"invocation {damaged.invocation_id} without its record" in caplog.text
+        assert (
+            redis_server.command("GET", f"acall:b:inv:{damaged.invocation_id}", db=db)
+            == b"{not json"
+        ), "an unreadable record is left as it is"
+        outcomes = [
+            (d, attrs.evolve(r, status=SUCCESS))
+            for d, r in zip(deliveries, [gone, damaged, fine], strict=True)
+        ]
+        await broker.finish(outcomes)
+        # A missing record is not created; a damaged one is replaced.
+        assert await broker.get_many([r.invocation_id for _, r in outcomes]) == [
+            None,
+            outcomes[1][1],
+            outcomes[2][1],
+        ]
+        assert await broker.pending_count("default") == 0
+
+
+@pytest.mark.redis
+async def test_redis_call_index_lives_as_long_as_its_records(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    db = int(redis_url.rsplit("/", 1)[1])
+    key = CALL.call_id.key
+    index = f"acall:b:call:{key}"
+
+    def members() -> list[str]:
+        found = redis_server.command("ZRANGE", index, 0, -1, db=db)
+        assert isinstance(found, list)
+        return [member.decode() for member in found]  # type: ignore[union-attr]
+
+    async with open_broker(redis_url, record_ttl=0.3) as broker:
+        a, b, c = _record(), _record(), _record()
+        await broker.submit_many([a, b, c])
+        assert members() == [a.invocation_id, b.invocation_id, c.invocation_id]
+        first, second, third = await _receive(broker)
+        await broker.finish([_outcome(first), _outcome(second)])
+        assert redis_server.command("PTTL", index, db=db) == -1, "c is still running"
+        await anyio.sleep(0.45)  # a and b expired
+        assert await broker.find_by_call(key) == [third.record]
+        assert members() == [c.invocation_id], "find_by_call drops expired ids"
+        d = _record()
+        await broker.submit(d)
+        assert members() == [c.invocation_id, d.invocation_id]
+        # Once none is left unfinished, the index expires with the last record.
+        (fourth,) = await _receive(broker)
+        await broker.finish([_outcome(third), _outcome(fourth)])
+        pttl = redis_server.command("PTTL", index, db=db)
+        assert isinstance(pttl, int)
+        assert 0 < pttl <= 300
+        await anyio.sleep(0.45)
+        assert redis_server.command("EXISTS", index, db=db) == 0
+        assert await broker.find_by_call(key) == []
+        # Expired ids at the front are dropped by the next submission too.
+        e, f = _record(), _record()
+        await broker.submit_many([e, f])
+        fifth, _ = await _receive(broker)
+        await broker.update(_outcome(fifth)[1])
+        await anyio.sleep(0.45)
+        g = _record()
+        await broker.submit(g)
+        assert members() == [f.invocation_id, g.invocation_id]
+        assert redis_server.command("PTTL", index, db=db) == -1
+
+
+async def test_watch_final_first_yields_once_subscribed(broker: Broker) -> None:
+    """The first item arrives right after subscribing, before anything finishes."""
+    async with contextlib.aclosing(broker.watch_final()) as stream:
+        with anyio.fail_after(5):
+            first = await stream.__anext__()
+    assert first == set()

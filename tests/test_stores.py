@@ -20,6 +20,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 
+from acall._redis import redact_url
 from acall.errors import ConfigurationError, InvalidKeyError, StoreUnavailableError
 from acall.stores import MemoryStore, RedisStore, SqliteStore, Store, open_store
 from acall.testing import RedisServer, StoreConformance, free_port
@@ -340,7 +341,7 @@ async def test_redis_prefix_isolation(redis_url: str) -> None:
         assert isinstance(one, RedisStore)
         assert one.prefix == "app1:"
         assert isinstance(default, RedisStore)
-        assert default.prefix == "acall:"
+        assert default.prefix == "acall:data:"
         await one.put("k", b"one")
         await two.put("k", b"two")
         await one.put("only-one", b"x")
@@ -417,6 +418,33 @@ async def test_open_store_parses_redis_urls() -> None:
         assert isinstance(store, RedisStore)
         assert (store.port, store.db, store.prefix, store.default_ttl) == (6379, 0, "", 9)
         assert store.url.startswith("rediss://")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://user:s3cret@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://:s3cret@host", "redis://:***@host"),
+        ("redis://user@host/0", "redis://user@host/0"),
+        # Unescaped characters a password should not hold, but may.
+        ("redis://user:s3c@ret@host/0", "redis://user:***@host/0"),
+        ("redis://user:s3c/ret@host/0", "redis://user:***@host/0"),
+        ("redis://user:s3c?ret@host", "redis://user:***@host"),
+        ("redis://user:s3c#ret@host", "redis://user:***@host"),
+        ("redis://u:s3cret@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+        ("user:s3cret@host", "user:***@host"),
+        # An '@' after the authority is not a password's end.
+        ("redis://host:6379/0?prefix=a@b:", "redis://host:6379/0?prefix=a@b:"),
+        ("redis://u:s3cret@host/0?prefix=a@b", "redis://u:***@host/0?prefix=a@b"),
+        ("redis://[::1]/0?prefix=a@b", "redis://[::1]/0?prefix=a@b"),
+        ("sqlite:////tmp/a@b/x.db", "sqlite:////tmp/a@b/x.db"),
+        ("memory://name", "memory://name"),
+        ("", ""),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    assert "s3c" not in redact_url(url)
 
 
 async def test_max_value_size_defaults(tmp_path: Path) -> None:

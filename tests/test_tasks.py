@@ -8,12 +8,12 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import CountingStore
 
 from acall import App, ConfigurationError, InvocationStatus
 from acall.calls import ConcurrencyMode
 from acall.hashing import REFERENCE_PREFIX
 from acall.tasks import RetryPolicy
-from helpers import CountingStore
 
 
 @pytest.fixture
@@ -90,7 +90,9 @@ async def test_submit_many_shares_common_arguments(app: App) -> None:
         return table[key]
 
     table = {f"k{i}": i for i in range(5000)}
-    handles = await job.submit_many([{"key": f"k{i}"} for i in range(120)], common_args={"table": table})
+    handles = await job.submit_many(
+        [{"key": f"k{i}"} for i in range(120)], common_args={"table": table}
+    )
     assert len(handles) == 120
     assert store.calls["put"] == 1
     records = [await h.record() for h in handles]

@@ -16,8 +16,8 @@ from acall import (
     App,
     BlobNotFoundError,
     InvocationStatus,
-    UnknownTaskError,
     ResultTimeoutError,
+    UnknownTaskError,
 )
 from acall.calls import ConcurrencyMode
 from acall.hashing import REFERENCE_PREFIX

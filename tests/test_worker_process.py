@@ -45,12 +45,11 @@ class WorkerProcess:
     def __init__(self, broker: str, log_dir: Path) -> None:
         self.log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
         with self.log_path.open("wb") as log:
+            command = [sys.executable, "-m", "acall", "--log-level", "WARNING", "worker"]
+            command += ["worker_app:app", "--broker", broker, "--concurrency", "8"]
+            command += ["--visibility-timeout", "1.5"]
             self.proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "acall", "--log-level", "WARNING", "worker",
-                    "worker_app:app", "--broker", broker, "--concurrency", "8",
-                    "--visibility-timeout", "1.5",
-                ],  # fmt: skip
+                command,
                 env=_env(),
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -7,8 +7,9 @@ Pick a backend by URL with :func:`open_broker`:
 * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` — one SQLite file,
   shareable by the worker and client processes of one machine;
 * ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS) — Redis
-  Streams, with query options ``prefix=`` (default ``acall:``) and ``record_ttl=``
-  (seconds finished records are kept, default 7 days; pending ones never expire).
+  Streams, with query options ``prefix=`` (default ``acall:b:``; the data store's
+  default is ``acall:``) and ``record_ttl=`` (seconds finished records are kept,
+  default 7 days; pending ones never expire).
 
 Every backend implements :class:`Broker`. :class:`RedisBroker` needs the ``redis``
 package (``pip install 'acall[redis]'``) and is imported on first use.
@@ -19,11 +20,11 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING, Final
 
+from acall._redis import redact_url
 from acall.brokers.base import Broker, Delivery
 from acall.brokers.memory import MemoryBroker
 from acall.brokers.sqlite import SqliteBroker
 from acall.errors import ConfigurationError
-from acall.stores import _shown
 from acall.stores.base import store_options
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ __all__ = [
 
 _ACCEPTED: Final = (
     "memory:// or memory://name; sqlite:///relative/path.db or sqlite:////absolute/path.db; "
-    "redis://[[user]:password@]host[:port][/db][?prefix=acall:&record_ttl=SECONDS] "
+    "redis://[[user]:password@]host[:port][/db][?prefix=acall:b:&record_ttl=SECONDS] "
     "(rediss:// for TLS)"
 )
 
@@ -61,7 +62,7 @@ def open_broker(url: str, **options: object) -> Broker:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigurationError(
-            f"malformed broker URL {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+            f"malformed broker URL {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
         )
     if scheme == "memory":
         return _open_memory(url, rest, options)
@@ -70,7 +71,7 @@ def open_broker(url: str, **options: object) -> Broker:
     if scheme in ("redis", "rediss"):
         return _redis_broker_class().from_url(url, **options)
     raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+        f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
     )
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Final
 
 from acall.brokers.base import Broker, Delivery
 from acall.dto import DTOCodec, InvocationRecord, InvocationStatus
 from acall.errors import BrokerError, ConfigurationError, DTOValidationError, InvalidKeyError
+from acall.ids import CallId
 from acall.stores.base import KEY_PATTERN
 
 __all__ = [
@@ -33,6 +35,8 @@ DEFAULT_RECORD_TTL: Final = 7 * 24 * 3600.0
 
 #: Status values after which nothing changes an invocation again.
 FINAL_STATUSES: Final = tuple(status.value for status in InvocationStatus if status.is_final)
+
+logger = logging.getLogger("acall.brokers")
 
 _NAME_RULE: Final = "1 to 256 characters from A-Z, a-z, 0-9 and '_', '.', ':', '-'"
 _MAX_DEDUP_KEY: Final = 1024
@@ -117,6 +121,28 @@ def _check_delivery(delivery: object) -> Delivery:
     return delivery
 
 
+def _check_outcome(outcome: object) -> tuple[Delivery, InvocationRecord]:
+    if not isinstance(outcome, tuple | list) or len(outcome) != 2:
+        raise TypeError(
+            f"expected (Delivery, InvocationRecord) pairs, got {type(outcome).__name__} "
+            f"{outcome!r:.80}"
+        )
+    delivery = _check_delivery(outcome[0])
+    record = _check_record(outcome[1], action="finish with")
+    if not record.status.is_final:
+        raise ValueError(
+            f"cannot finish invocation {record.invocation_id} with status "
+            f"{record.status.value!r}: an outcome is SUCCESS or FAILED (use retry() or "
+            "update() for other changes)"
+        )
+    if record.invocation_id != delivery.invocation_id:
+        raise ValueError(
+            f"finish(): the record is for invocation {record.invocation_id} but the "
+            f"delivery is for {delivery.invocation_id}"
+        )
+    return delivery, record
+
+
 class BrokerBase(Broker):
     """Validation and lifecycle shared by acall's brokers; backends fill in ``_hooks``.
 
@@ -186,6 +212,20 @@ class BrokerBase(Broker):
             return []
         return await self._get_many(ids)
 
+    async def find_by_call(self, call_key: str, limit: int = 100) -> list[InvocationRecord]:
+        """Records of the invocations of one call, oldest submission first.
+
+        Finished invocations are included until their ``record_ttl`` runs out.
+
+        :raises InvalidKeyError: if *call_key* is not a well-formed call key.
+        :raises ConfigurationError: if *limit* is not an int >= 1.
+        """
+        key = CallId.from_key(call_key).key
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigurationError(f"limit must be an int >= 1, got {limit!r:.80}")
+        self._check_open()
+        return await self._find_by_call(key, limit)
+
     async def update(self, record: InvocationRecord) -> None:
         """Overwrite a stored invocation's record; see :meth:`Broker.update`.
 
@@ -217,6 +257,13 @@ class BrokerBase(Broker):
         redelivery the earlier receipt no longer matches, and ack / extend / release /
         retry with it do nothing. ``delivery_count`` counts every delivery of the entry,
         released ones included.
+
+        Each delivery carries the invocation's record, claimed in the same atomic step:
+        a non-final one is stored and returned as RUNNING with ``attempt + 1``,
+        ``worker_id = consumer`` and ``updated_at = now`` (so every delivery, a
+        redelivery after the visibility timeout included, counts as an attempt); a
+        final one is returned unchanged; a missing or unreadable one is ``None`` (an
+        unreadable record is logged and left as it is).
         """
         names = list(
             dict.fromkeys(
@@ -236,6 +283,27 @@ class BrokerBase(Broker):
         waiting = check_seconds(wait, "wait", allow_zero=True)
         self._check_open()
         return await self._receive(names, max_items, consumer, timeout, waiting)
+
+    async def finish(self, outcomes: Sequence[tuple[Delivery, InvocationRecord]]) -> None:
+        """Record final outcomes and acknowledge their entries; see :meth:`Broker.finish`.
+
+        Every pair is checked before anything changes. A record is stored only if the
+        stored one is not final yet (the first outcome wins, also within one batch),
+        and only if the invocation is still known (not expired); the entry is
+        acknowledged only if the receipt is current, while a stale receipt still lets
+        the record be stored. Records stored here start their ``record_ttl``.
+
+        :raises ValueError: for a non-final status, or a record and delivery of
+            different invocations.
+        :raises TypeError: for something other than ``(Delivery, InvocationRecord)``.
+        """
+        checked = [
+            _check_outcome(outcome)
+            for outcome in _check_sequence(outcomes, "(Delivery, InvocationRecord) pairs")
+        ]
+        self._check_open()
+        if checked:
+            await self._finish(checked)
 
     async def ack(self, delivery: Delivery) -> None:
         """The entry is done: never deliver it again.
@@ -288,7 +356,7 @@ class BrokerBase(Broker):
         if checked:
             await self._release(checked)
 
-    async def watch_final(self) -> AsyncIterator[set[str]]:
+    async def watch_final(self) -> AsyncGenerator[set[str], None]:
         """Yield sets of invocation ids that reached a final status from now on.
 
         The iteration ends when the broker is closed. Close the iterator
@@ -339,6 +407,18 @@ class BrokerBase(Broker):
                 f"or was written by an incompatible program: {exc}"
             ) from exc
 
+    def _decode_claimed(self, text: str | bytes, invocation_id: str) -> InvocationRecord | None:
+        """Parse a record claimed by ``receive``; ``None`` (logged) if it is damaged.
+
+        Raising instead would fail every later ``receive`` on the same entry, and stop
+        the queue behind it.
+        """
+        try:
+            return self._decode(text, invocation_id)
+        except BrokerError as exc:
+            logger.warning("delivering invocation %s without its record: %s", invocation_id, exc)
+            return None
+
     # -- backend hooks: inputs are validated, sequences are non-empty ---------------------
 
     @abc.abstractmethod
@@ -348,6 +428,10 @@ class BrokerBase(Broker):
     @abc.abstractmethod
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
         """Return records in order, ``None`` for unknown ids."""
+
+    @abc.abstractmethod
+    async def _find_by_call(self, call_key: str, limit: int) -> list[InvocationRecord]:
+        """Records of a (well-formed) call key's invocations, oldest first, at most *limit*."""
 
     @abc.abstractmethod
     async def _update(self, record: InvocationRecord) -> bool:
@@ -362,7 +446,13 @@ class BrokerBase(Broker):
         visibility_timeout: float,
         wait: float,
     ) -> list[Delivery]:
-        """Claim entries from distinct, valid queues, waiting up to *wait* seconds."""
+        """Claim entries from distinct, valid queues, waiting up to *wait* seconds, and
+        mark their non-final records RUNNING in the same atomic step."""
+
+    @abc.abstractmethod
+    async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
+        """Store final records unless already final, release dedup keys, notify
+        watchers, and ack current receipts: one atomic step for the whole batch."""
 
     @abc.abstractmethod
     async def _ack(self, delivery: Delivery) -> None:

@@ -14,6 +14,13 @@ Deduplication (concurrency control ``ARGUMENTS`` / ``KEYS``) is part of submissi
 record carrying a ``dedup_key`` is stored only if no *non-final* invocation holds that
 key; otherwise the existing invocation's record is returned. This check-and-insert is
 atomic across processes (a unique constraint in SQLite, a Lua script in Redis).
+
+Receipts: every delivery of an entry gets its own receipt, and only the latest one is
+*current*. Once an entry has been redelivered (its visibility timeout passed), acked or
+retried, operations with an earlier receipt are no-ops: :meth:`Broker.ack`,
+:meth:`Broker.extend`, :meth:`Broker.release` and :meth:`Broker.retry` change nothing,
+and :meth:`Broker.finish` still records the outcome (if none is recorded yet) but does
+not acknowledge the entry, which belongs to the current holder.
 """
 
 from __future__ import annotations
@@ -39,11 +46,16 @@ class Delivery:
     :ivar receipt: backend handle for ack / extend / release / retry / finish (opaque).
         Unique per delivery: a redelivery of the same entry gets a new receipt, and an
         operation with a stale receipt is a no-op (see each method).
-    :ivar delivery_count: how many times this entry has been delivered (1 = first).
+    :ivar delivery_count: how many times this entry has been delivered since it was
+        enqueued, this delivery included (1 = first). Redeliveries after a visibility
+        timeout and deliveries that were released count; :meth:`Broker.retry` enqueues
+        the invocation as a new entry, whose count starts again at 1. (The record's
+        ``attempt``, in contrast, counts every delivery of the invocation.)
     :ivar record: the invocation's record as claimed by :meth:`Broker.receive`: for a
         non-final invocation already marked RUNNING (attempt + 1, ``worker_id`` = the
         consumer); a final one is returned unchanged (the worker only acknowledges it);
-        ``None`` if the record no longer exists.
+        ``None`` if the record no longer exists, or cannot be read (a damaged record is
+        logged by the broker and left as it is, rather than failing every receive).
     """
 
     invocation_id: str
@@ -74,6 +86,12 @@ class Broker(abc.ABC):
         key, nothing is stored and that invocation's record is returned instead (the
         caller compares ``invocation_id`` to know). Otherwise returns *record*.
         A record whose ``not_before`` lies in the future becomes deliverable then.
+
+        Submitting an invocation id that is already stored changes nothing (no second
+        queue entry, whatever the new record says) and returns the stored record as it
+        is now, so a submission retried after a lost reply is harmless.
+
+        :raises ValueError: if the record's status is final.
         """
 
     @abc.abstractmethod
@@ -97,7 +115,11 @@ class Broker(abc.ABC):
     async def find_by_call(self, call_key: str, limit: int = 100) -> list[InvocationRecord]:
         """Records of invocations of the call with this key, oldest first (at most *limit*).
 
-        :raises InvalidKeyError: if *call_key* is not a well-formed call key.
+        Oldest means first submitted; each record is returned as it is now. Finished
+        invocations are included until their records expire.
+
+        :raises InvalidKeyError: if *call_key* is not a well-formed call key
+            (:meth:`acall.ids.CallId.from_key`).
         """
 
     @abc.abstractmethod
@@ -132,7 +154,8 @@ class Broker(abc.ABC):
         In the same atomic step, each claimed non-final invocation's record is updated
         to status RUNNING, ``attempt + 1``, ``worker_id = consumer`` and ``updated_at =
         now``, and returned in :attr:`Delivery.record` (saving the worker a read and a
-        write per invocation).
+        write per invocation). Every delivery counts as an attempt, a redelivery after
+        the visibility timeout included; releasing an entry does not undo it.
         """
 
     @abc.abstractmethod
@@ -145,24 +168,48 @@ class Broker(abc.ABC):
         key, tell watchers (:meth:`watch_final`), and acknowledge the entry if the
         receipt is still current. One transaction / round trip for the whole batch.
 
-        :raises ValueError: if a record's status is not final.
+        A stale receipt does not stop the record from being stored (it is the first
+        outcome if none is recorded yet); only the acknowledgement is skipped. An
+        invocation the broker no longer knows (its record expired) is not stored again.
+        An empty batch does nothing.
+
+        :raises ValueError: if a record's status is not final, or a record and its
+            delivery are of different invocations (checked before anything changes).
         """
 
     @abc.abstractmethod
     async def ack(self, delivery: Delivery) -> None:
-        """The entry is done (its outcome is recorded): never deliver it again."""
+        """The entry is done (its outcome is recorded): never deliver it again.
+
+        A no-op with a stale receipt (see :class:`Delivery`), and when repeated.
+        """
 
     @abc.abstractmethod
     async def extend(self, deliveries: Sequence[Delivery], visibility_timeout: float) -> None:
-        """Keep entries invisible for another *visibility_timeout* seconds (still working)."""
+        """Keep entries invisible for another *visibility_timeout* seconds (still working).
+
+        Entries whose receipt is stale are skipped.
+        """
 
     @abc.abstractmethod
     async def retry(self, delivery: Delivery, record: InvocationRecord, delay: float) -> None:
-        """Atomically store *record* (status RETRYING) and re-deliver the entry after *delay*."""
+        """Atomically store *record* (status RETRYING) and re-deliver the entry after *delay*.
+
+        The entry is enqueued again as a new entry (``delivery_count`` restarts). With
+        a stale receipt nothing happens, not even the record write: the invocation
+        belongs to whoever holds the current delivery.
+        """
 
     @abc.abstractmethod
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Give entries back at once, unstarted (a worker shutting down)."""
+        """Give entries back at once, unstarted (a worker shutting down).
+
+        A released entry keeps its place at the front of its queue and its
+        ``delivery_count``; the record stays as :meth:`receive` left it (RUNNING, with
+        the attempt counted). Entries whose receipt is stale are skipped. Do not use
+        the deliveries afterwards: whether their receipts stay current until the next
+        delivery differs between backends.
+        """
 
     # -- observation -----------------------------------------------------------------
 
@@ -173,6 +220,10 @@ class Broker(abc.ABC):
         Best effort and low latency (an in-process event, a Redis pub/sub channel, a
         SQLite sequence column): a notification may be missed across a reconnect, so
         waiters also poll now and then. May yield an empty set as a periodic tick.
+
+        The first item is an empty set, yielded as soon as the subscription is in place:
+        a caller that checks the records it waits for at that point misses nothing that
+        finished before.
         """
 
     @abc.abstractmethod

@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator
 from typing import Final
 
 import anyio
+import attrs
 from anyio.lowlevel import checkpoint
 
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
@@ -79,6 +80,8 @@ class _MemoryData:
 
     def __init__(self) -> None:
         self.records: dict[str, InvocationRecord] = {}
+        # Call key -> ids of its invocations in submission order (a dict as ordered set).
+        self.by_call: dict[str, dict[str, None]] = {}
         self.dedup: dict[str, str] = {}
         self.entries: dict[str, _Entry] = {}
         self.queues: dict[str, _Queue] = {}
@@ -132,8 +135,14 @@ class _MemoryData:
         return entry if entry is not None and entry.receipt == receipt else None
 
     def take(
-        self, names: list[str], max_items: int, now: float, visibility_timeout: float
+        self,
+        names: list[str],
+        max_items: int,
+        now: float,
+        visibility_timeout: float,
+        consumer: str,
     ) -> list[Delivery]:
+        """Claim up to *max_items* entries, marking their non-final records RUNNING."""
         queues = [self.queue(name) for name in names]
         for queue in queues:
             while queue.waiting and queue.waiting[0][0] <= now:
@@ -155,10 +164,36 @@ class _MemoryData:
             entry.receipt = uuid.uuid4().hex
             entry.delivery_count += 1
             self.place(entry, now + visibility_timeout, now)
+            record = self.records.get(entry.invocation_id)
+            if record is not None and not record.status.is_final:
+                record = self.records[entry.invocation_id] = attrs.evolve(
+                    record,
+                    status=InvocationStatus.RUNNING,
+                    attempt=record.attempt + 1,
+                    worker_id=consumer,
+                    updated_at=time.time(),
+                )
             taken.append(
-                Delivery(entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count)
+                Delivery(
+                    entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count, record
+                )
             )
         return taken
+
+    def store_final(self, record: InvocationRecord, now: float, record_ttl: float | None) -> None:
+        """Store a final *record* over a known one: release its key, notify watchers."""
+        invocation_id = record.invocation_id
+        previous = self.records[invocation_id]
+        self.records[invocation_id] = record
+        self.finished.pop(invocation_id, None)
+        key = previous.dedup_key
+        if key is not None and self.dedup.get(key) == invocation_id:
+            del self.dedup[key]
+        if record_ttl is not None:
+            self.finished[invocation_id] = now + record_ttl
+        for watcher in self.watchers:
+            watcher.ids.add(invocation_id)
+            watcher.wake()
 
     def next_due(self, names: list[str]) -> float:
         """Earliest time an entry of *names* may become deliverable (may be stale: early)."""
@@ -179,7 +214,13 @@ class _MemoryData:
             expired.append(invocation_id)
         for invocation_id in expired:
             del self.finished[invocation_id]
-            self.records.pop(invocation_id, None)
+            record = self.records.pop(invocation_id, None)
+            if record is not None:
+                ids = self.by_call.get(record.call_id.key)
+                if ids is not None:
+                    ids.pop(invocation_id, None)
+                    if not ids:
+                        del self.by_call[record.call_id.key]
             entry = self.entries.get(invocation_id)
             if entry is not None:
                 self.remove(entry)
@@ -250,6 +291,7 @@ class MemoryBroker(BrokerBase):
                     continue
                 data.dedup[key] = invocation_id
             data.records[invocation_id] = record
+            data.by_call.setdefault(record.call_id.key, {})[invocation_id] = None
             delay = 0.0 if record.not_before is None else record.not_before - wall
             data.enqueue(invocation_id, record.queue, now + delay, now)
             result.append(record)
@@ -268,21 +310,25 @@ class MemoryBroker(BrokerBase):
         now = time.monotonic()
         data.purge(now)
         invocation_id = record.invocation_id
-        previous = data.records.get(invocation_id)
-        if previous is None:
+        if invocation_id not in data.records:
             return False
-        data.records[invocation_id] = record
-        data.finished.pop(invocation_id, None)
         if record.status.is_final:
-            key = previous.dedup_key
-            if key is not None and data.dedup.get(key) == invocation_id:
-                del data.dedup[key]
-            if self.record_ttl is not None:
-                data.finished[invocation_id] = now + self.record_ttl
-            for watcher in data.watchers:
-                watcher.ids.add(invocation_id)
-                watcher.wake()
+            data.store_final(record, now, self.record_ttl)
+        else:
+            data.records[invocation_id] = record
+            data.finished.pop(invocation_id, None)
         return True
+
+    async def _find_by_call(self, call_key: str, limit: int) -> list[InvocationRecord]:
+        await checkpoint()
+        data = self._data
+        data.purge(time.monotonic())
+        found: list[InvocationRecord] = []
+        for invocation_id in data.by_call.get(call_key, {}):
+            if len(found) == limit:
+                break
+            found.append(data.records[invocation_id])
+        return found
 
     async def _receive(
         self,
@@ -297,7 +343,7 @@ class MemoryBroker(BrokerBase):
         while True:
             await checkpoint()
             now = time.monotonic()
-            taken = data.take(queues, max_items, now, visibility_timeout)
+            taken = data.take(queues, max_items, now, visibility_timeout, consumer)
             if taken or now >= deadline:
                 return taken
             # No await between looking and registering: a submission cannot slip between.
@@ -308,6 +354,19 @@ class MemoryBroker(BrokerBase):
                     await event.wait()
             finally:
                 data.waiters.discard(event)
+
+    async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
+        await checkpoint()
+        data = self._data
+        now = time.monotonic()
+        data.purge(now)
+        for delivery, record in outcomes:
+            stored = data.records.get(record.invocation_id)
+            if stored is not None and not stored.status.is_final:
+                data.store_final(record, now, self.record_ttl)
+            entry = data.holding(delivery.invocation_id, delivery.receipt)
+            if entry is not None:
+                data.remove(entry)
 
     async def _ack(self, delivery: Delivery) -> None:
         await checkpoint()
@@ -352,6 +411,7 @@ class MemoryBroker(BrokerBase):
         self._data.watchers.add(watcher)
         self._watchers.add(watcher)
         try:
+            yield set()  # subscribed: see Broker.watch_final
             while not self._closed:
                 if not watcher.ids:
                     watcher.event = anyio.Event()

@@ -1,26 +1,44 @@
 """A broker on Redis Streams, through ``redis.asyncio`` (redis-py >= 5).
 
-Key layout (``p`` is the prefix, default ``acall:``)::
+Key layout (``p`` is the prefix, default ``acall:b:``; the data store's default is
+``acall:``)::
 
     p inv:{id}          string  the InvocationRecord as DTOCodec JSON; finished ones
                                 expire after record_ttl, pending ones never
     p dedup:{key}       string  dedup key -> id of the invocation holding it
     p status:{status}   zset    invocation ids by status (score: expiry time, +inf for
                                 records that do not expire), for counts()
+    p call:{call key}   zset    ids of the call's invocations (score: p seq at
+                                submission), for find_by_call(); persistent while one
+                                of them is unfinished, else it expires with the last
+    p seq               string  counter giving the call index its submission order
     p q:{queue}         stream  queue entries {"id": invocation id}; consumer group
                                 "acall-workers"; an entry is XACKed and XDELed on ack
     p inflight:{queue}  zset    stream entry id -> time its visibility timeout ends
     p delayed:{queue}   zset    invocation id -> time it becomes deliverable
     p final             pub/sub channel: ids of invocations that became final
 
-Every operation that reads and writes is one Lua script, so it is atomic. redis-py
-re-sends a command after a dropped connection, so the scripts are idempotent (submit
-and update by invocation id; ack, extend, release and retry by receipt), except
-receive: one re-sent after a lost reply claims entries again, and the ones the lost
-reply carried are delivered once more when their visibility timeout ends, which
-at-least-once delivery allows.
+Every operation that reads and writes is one Lua script, so it is atomic: receive
+claims entries and marks their records RUNNING in one script, and finish records a
+batch of outcomes and acks their entries in one script call (for a batch larger than
+500, one pipeline of script calls, each atomic on its own). redis-py re-sends a
+command after a dropped connection, so the scripts are idempotent (submit and update
+by invocation id; ack, extend, release and retry by receipt; finish by both: an
+outcome is stored once, an entry acked once), except receive: one re-sent after a
+lost reply claims entries again, and the ones the lost reply carried are delivered
+once more when their visibility timeout ends, which at-least-once delivery allows
+(their records then count one attempt more).
 Times inside scripts come from the server's clock (``TIME``), the one clock every
 client shares; only a record's ``not_before`` is a client's wall-clock time.
+
+Scripts change a stored record (receive marking it RUNNING) by rewriting the values
+of its top-level JSON members in place, never by decoding and re-encoding the whole
+document: Lua's cjson would round floats such as ``created_at`` to 14 digits.
+
+The call index ``p call:{call key}`` lists invocation ids whose records may have
+expired since: find_by_call skips and removes them, each submission removes expired
+ones from the front, and when an invocation of the call finishes while none is left
+unfinished, the index is given the expiry of its longest-lived record.
 
 The visibility deadline of an entry lives in ``inflight`` rather than being the
 entry's idle time in the consumer group: deadlines then follow each delivery's own
@@ -35,43 +53,49 @@ Scripts build key names from the prefix, so the broker does not run on Redis Clu
 from __future__ import annotations
 
 import functools
+import json
 import math
 import re
 import time
-import urllib.parse
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio import Redis
 from redis.typing import KeyT, StreamIdT
 
+from acall._redis import (
+    CONNECTION_OPTIONS,
+    DEFAULT_PORT,
+    RedisConnection,
+    check_settings,
+    shown_url,
+    url_arguments,
+)
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
 from acall.brokers.base import Delivery
 from acall.dto import InvocationRecord, InvocationStatus
-from acall.errors import BrokerError, BrokerUnavailableError, ConfigurationError
-from acall.stores.base import store_options, validate_ttl
-from acall.stores.redis import redact_url
+from acall.errors import BrokerError, BrokerUnavailableError
+from acall.stores.base import validate_ttl
 
-__all__ = ["CONSUMER_GROUP", "RedisBroker"]
+__all__ = ["CONSUMER_GROUP", "DEFAULT_PREFIX", "RedisBroker"]
 
 _T = TypeVar("_T")
 
 #: The consumer group every acall worker reads the queue streams with.
 CONSUMER_GROUP: Final = "acall-workers"
 
+#: The key prefix of a broker unless the URL says otherwise (the data store's default is
+#: ``acall:``).
+DEFAULT_PREFIX: Final = "acall:b:"
+
 _URL_FORMS: Final = (
-    "redis://[[user]:password@]host[:port][/db][?prefix=acall:&record_ttl=SECONDS] "
+    "redis://[[user]:password@]host[:port][/db][?prefix=acall:b:&record_ttl=SECONDS] "
     "(rediss:// for TLS)"
 )
-_PREFIX_RE: Final = re.compile(r"[!-~]{0,200}")  # printable ASCII, no spaces
 _ENTRY_ID_RE: Final = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-_DEFAULT_PORT: Final = 6379
 _SUBMIT_CHUNK: Final = 500  # records per script call: bounds how long one call holds Redis
+_FINISH_CHUNK: Final = 500  # outcomes per script call (one pipeline for the whole batch)
 _MOVE_DUE: Final = 1000  # delayed entries moved to a stream per receive and queue
 # Longest blocking read in receive(): entries released or timing out meanwhile are
 # noticed after at most this long (new submissions wake the read at once).
@@ -82,27 +106,257 @@ _WATCH_BATCH: Final = 1000
 _STATUSES: Final = [status.value for status in InvocationStatus]
 
 
+_FINAL_STATUSES: Final = [s.value for s in InvocationStatus if s.is_final]
+_LIVE_STATUSES: Final = [s.value for s in InvocationStatus if not s.is_final]
+# Invocations of one call whose liveness a finishing invocation checks; a call index
+# with more members stays persistent (submissions and find_by_call trim it).
+_CALL_SETTLE_MAX: Final = 100
+# Expired ids a submission removes from the front of its call's index.
+_CALL_TRIM: Final = 2
+
+
 def _lua_list(values: Sequence[str]) -> str:
     return "{" + ", ".join(f"'{value}'" for value in values) + "}"
 
 
-_PRELUDE: Final = f"""
+# Reading and rewriting top-level members of a record's JSON text without decoding it
+# (see the module docstring). Plain text, not an f-string: Lua patterns are full of
+# braces and backslashes.
+_JSON_LUA: Final = r"""
+-- Index of the quote closing the JSON string that opens at `open`.
+local function string_end(text, open)
+  local pos = open + 1
+  while true do
+    local found = string.find(text, '["\\]', pos)
+    if not found then
+      return nil
+    end
+    if string.sub(text, found, found) == '"' then
+      return found
+    end
+    pos = found + 2  -- skip the escaped character
+  end
+end
+
+-- Index of the last character of the JSON value that starts at `first`.
+local function value_end(text, first)
+  local c = string.sub(text, first, first)
+  if c == '"' then
+    return string_end(text, first)
+  end
+  if c == '{' or c == '[' then
+    local depth = 0
+    local pos = first
+    while true do
+      local found = string.find(text, '["{}%[%]]', pos)
+      if not found then
+        return nil
+      end
+      local ch = string.sub(text, found, found)
+      if ch == '"' then
+        found = string_end(text, found)
+        if not found then
+          return nil
+        end
+      elseif ch == '{' or ch == '[' then
+        depth = depth + 1
+      else
+        depth = depth - 1
+        if depth == 0 then
+          return found
+        end
+      end
+      pos = found + 1
+    end
+  end
+  local found = string.find(text, '[%s,}%]]', first)
+  if not found then
+    return nil
+  end
+  return found - 1
+end
+
+-- The top-level members of a JSON object: {key = {first, last}} (where each value's
+-- text starts and ends), and the index of the closing brace; nil if not an object.
+local function members(text)
+  local pos = string.find(text, '%S')
+  if not pos or string.sub(text, pos, pos) ~= '{' then
+    return nil
+  end
+  local spans = {}
+  pos = string.find(text, '%S', pos + 1)
+  if pos and string.sub(text, pos, pos) == '}' then
+    return spans, pos
+  end
+  while pos do
+    if string.sub(text, pos, pos) ~= '"' then
+      return nil
+    end
+    local key_end = string_end(text, pos)
+    if not key_end then
+      return nil
+    end
+    local key = string.sub(text, pos + 1, key_end - 1)
+    pos = string.find(text, '%S', key_end + 1)
+    if not pos or string.sub(text, pos, pos) ~= ':' then
+      return nil
+    end
+    local first = string.find(text, '%S', pos + 1)
+    if not first then
+      return nil
+    end
+    local last = value_end(text, first)
+    if not last then
+      return nil
+    end
+    spans[key] = {first, last}
+    pos = string.find(text, '%S', last + 1)
+    if not pos then
+      return nil
+    end
+    local c = string.sub(text, pos, pos)
+    if c == '}' then
+      return spans, pos
+    end
+    if c ~= ',' then
+      return nil
+    end
+    pos = string.find(text, '%S', pos + 1)
+  end
+  return nil
+end
+
+-- The text of a top-level member's value, or nil.
+local function member_text(text, spans, key)
+  local span = spans[key]
+  if span then
+    return string.sub(text, span[1], span[2])
+  end
+  return nil
+end
+
+-- `text` with the values of top-level members replaced, or appended when missing.
+-- `values`: a list of {key, value as JSON text}.
+local function with_members(text, spans, close, values)
+  local edits = {}
+  local added = {}
+  for _, kv in ipairs(values) do
+    local span = spans[kv[1]]
+    if span then
+      edits[#edits + 1] = {span[1], span[2], kv[2]}
+    else
+      added[#added + 1] = '"' .. kv[1] .. '":' .. kv[2]
+    end
+  end
+  table.sort(edits, function(a, b) return a[1] < b[1] end)
+  local parts = {}
+  local pos = 1
+  for _, edit in ipairs(edits) do
+    parts[#parts + 1] = string.sub(text, pos, edit[1] - 1)
+    parts[#parts + 1] = edit[3]
+    pos = edit[2] + 1
+  end
+  if #added > 0 then
+    parts[#parts + 1] = string.sub(text, pos, close - 1)
+    if next(spans) ~= nil then
+      parts[#parts + 1] = ','
+    end
+    parts[#parts + 1] = table.concat(added, ',')
+    pos = close
+  end
+  parts[#parts + 1] = string.sub(text, pos)
+  return table.concat(parts)
+end
+
+-- The status of a stored record ('pending' when the member is missing, as the DTO's
+-- default), or nil if the text cannot be read.
+local function record_status(text)
+  local spans = members(text)
+  if not spans then
+    return nil
+  end
+  local status = member_text(text, spans, 'status')
+  if status == nil then
+    return 'pending'
+  end
+  return string.match(status, '^"([a-z]+)"$')
+end
+"""
+
+_PRELUDE: Final = (
+    f"""
 local prefix = ARGV[1]
 local GROUP = '{CONSUMER_GROUP}'
 local STATUSES = {_lua_list(_STATUSES)}
-local LIVE = {_lua_list([s.value for s in InvocationStatus if not s.is_final])}
+local LIVE = {_lua_list(_LIVE_STATUSES)}
+local FINALS = {_lua_list(_FINAL_STATUSES)}
 local FINAL = {{}}
-for _, s in ipairs({_lua_list([s.value for s in InvocationStatus if s.is_final])}) do
+for _, s in ipairs(FINALS) do
   FINAL[s] = true
 end
-
+local KNOWN = {{}}
+for _, s in ipairs(STATUSES) do
+  KNOWN[s] = true
+end
+local CALL_SETTLE_MAX = {_CALL_SETTLE_MAX}
+local CALL_TRIM = {_CALL_TRIM}
+"""
+    + _JSON_LUA
+    + """
 local function server_time()
   local t = redis.call('TIME')
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+local function is_live(id)
+  for _, s in ipairs(LIVE) do
+    if redis.call('ZSCORE', prefix .. 'status:' .. s, id) then
+      return true
+    end
+  end
+  return false
+end
+
+-- When an invocation of a call finished: if none of the call's invocations is left
+-- unfinished, let the call index expire with the longest-lived record (ids whose
+-- record is gone are dropped); otherwise it stays persistent.
+local function settle_call_index(index, now)
+  if redis.call('ZCARD', index) > CALL_SETTLE_MAX then
+    return
+  end
+  local last = nil
+  local gone = {}
+  for _, id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+    if is_live(id) then
+      return
+    end
+    local expires = nil
+    for _, s in ipairs(FINALS) do
+      local score = redis.call('ZSCORE', prefix .. 'status:' .. s, id)
+      if score then
+        expires = tonumber(score)
+        if expires == nil or expires == math.huge then
+          return  -- a record that never expires
+        end
+      end
+    end
+    if expires == nil or expires <= now then
+      gone[#gone + 1] = id
+    elseif last == nil or expires > last then
+      last = expires
+    end
+  end
+  if #gone > 0 then
+    redis.call('ZREM', index, unpack(gone))
+  end
+  if last ~= nil then
+    redis.call('PEXPIRE', index, math.ceil((last - now) * 1000))
+  end
+end
+
 -- Write a record and file it under its status (ttl_ms: '' when records never expire).
-local function store_record(id, json, status, ttl_ms, now)
+-- With a call key, keep the call index alive as long as the records it lists.
+local function store_record(id, json, status, ttl_ms, now, call_key)
   local key = prefix .. 'inv:' .. id
   local score = '+inf'
   if FINAL[status] and ttl_ms ~= '' then
@@ -117,15 +371,23 @@ local function store_record(id, json, status, ttl_ms, now)
     end
   end
   redis.call('ZADD', prefix .. 'status:' .. status, score, id)
-end
-
-local function is_live(id)
-  for _, s in ipairs(LIVE) do
-    if redis.call('ZSCORE', prefix .. 'status:' .. s, id) then
-      return true
+  if call_key then
+    local index = prefix .. 'call:' .. call_key
+    if FINAL[status] then
+      settle_call_index(index, now)
+    else
+      redis.call('PERSIST', index)
     end
   end
-  return false
+end
+
+local function release_dedup(dedup, id)
+  if dedup ~= '' then
+    local dedup_key = prefix .. 'dedup:' .. dedup
+    if redis.call('GET', dedup_key) == id then
+      redis.call('DEL', dedup_key)
+    end
+  end
 end
 
 local function push(queue, id)
@@ -152,18 +414,21 @@ local function forget(queue, stream, entry)
   redis.call('ZREM', prefix .. 'inflight:' .. queue, entry)
 end
 """
+)
 
 # ARGV: prefix, ttl_ms, then per record: id, queue, json, status, dedup key, not_before
-# ('' for none). Returns per record '' (stored) or the JSON of the record returned instead.
+# ('' for none), call key. Returns per record '' (stored) or the JSON of the record
+# returned instead.
 _SUBMIT: Final = (
     _PRELUDE
     + """
 local ttl_ms = ARGV[2]
 local now = server_time()
 local out = {}
-for base = 3, #ARGV, 6 do
+for base = 3, #ARGV, 7 do
   local id, queue, json = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local status, dedup, not_before = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+  local call_key = ARGV[base + 6]
   -- The same id again (a re-sent script, a retried submit): change nothing.
   local found = redis.call('GET', prefix .. 'inv:' .. id)
   if not found and dedup ~= '' then
@@ -179,7 +444,18 @@ for base = 3, #ARGV, 6 do
   if found then
     out[#out + 1] = found
   else
-    store_record(id, json, status, ttl_ms, now)
+    local index = prefix .. 'call:' .. call_key
+    local gone = {}
+    for _, old in ipairs(redis.call('ZRANGE', index, 0, CALL_TRIM - 1)) do
+      if redis.call('EXISTS', prefix .. 'inv:' .. old) == 0 then
+        gone[#gone + 1] = old
+      end
+    end
+    if #gone > 0 then
+      redis.call('ZREM', index, unpack(gone))
+    end
+    redis.call('ZADD', index, redis.call('INCR', prefix .. 'seq'), id)
+    store_record(id, json, status, ttl_ms, now, call_key)
     if not_before ~= '' and tonumber(not_before) > now then
       redis.call('ZADD', prefix .. 'delayed:' .. queue, not_before, id)
     else
@@ -192,23 +468,19 @@ return out
 """
 )
 
-# ARGV: prefix, ttl_ms, id, json, status, dedup key (''). Returns 0 if unknown.
+# ARGV: prefix, ttl_ms, id, json, status, dedup key (''), call key. Returns 0 if unknown.
 _UPDATE: Final = (
     _PRELUDE
     + """
 local ttl_ms, id, json, status, dedup = ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local call_key = ARGV[7]
 if redis.call('EXISTS', prefix .. 'inv:' .. id) == 0 then
   return 0
 end
 local now = server_time()
-store_record(id, json, status, ttl_ms, now)
+store_record(id, json, status, ttl_ms, now, call_key)
 if FINAL[status] then
-  if dedup ~= '' then
-    local dedup_key = prefix .. 'dedup:' .. dedup
-    if redis.call('GET', dedup_key) == id then
-      redis.call('DEL', dedup_key)
-    end
-  end
+  release_dedup(dedup, id)
   -- Drop ids whose records have expired, so the status sets stay bounded.
   redis.call('ZREMRANGEBYSCORE', prefix .. 'status:' .. status, '-inf', now)
   redis.call('PUBLISH', prefix .. 'final', id)
@@ -217,27 +489,67 @@ return 1
 """
 )
 
-# ARGV: prefix, consumer, max items, visibility timeout (s), queues...
-# Returns {deliveries} with deliveries flat (queue, entry id, invocation id, count), or,
-# when nothing was deliverable, {{}, last entry id per queue, seconds until the next
-# delayed or in-flight entry is due ('' if none)}.
+# ARGV: prefix, consumer, max items, visibility timeout (s), consumer as a JSON string,
+# queues... Returns {deliveries} with deliveries flat (queue, entry id, invocation id,
+# count, record JSON or nil), or, when nothing was deliverable, {{}, last entry id per
+# queue, seconds until the next delayed or in-flight entry is due ('' if none)}.
 _RECEIVE: Final = (
     _PRELUDE
     + f"""
 local consumer = ARGV[2]
 local remaining = tonumber(ARGV[3])
 local timeout = tonumber(ARGV[4])
+local worker_json = ARGV[5]
 local now = server_time()
 local out = {{}}
+
+-- Mark a claimed invocation's record RUNNING (attempt + 1, this worker, now) and
+-- return it; a final or unreadable record is returned as it is, a missing one as false.
+local function claim_record(id)
+  local json = redis.call('GET', prefix .. 'inv:' .. id)
+  if not json then
+    return false
+  end
+  local spans, close = members(json)
+  if not spans then
+    return json
+  end
+  local status = 'pending'
+  local status_text = member_text(json, spans, 'status')
+  if status_text then
+    status = string.match(status_text, '^"([a-z]+)"$')
+  end
+  if not status or not KNOWN[status] or FINAL[status] then
+    return json
+  end
+  local attempt = 0
+  local attempt_text = member_text(json, spans, 'attempt')
+  if attempt_text then
+    attempt = tonumber(attempt_text)
+    if not attempt or attempt ~= math.floor(attempt) then
+      return json
+    end
+  end
+  local claimed = with_members(json, spans, close, {{
+    {{'status', '"running"'}},
+    {{'attempt', string.format('%d', attempt + 1)}},
+    {{'worker_id', worker_json}},
+    {{'updated_at', string.format('%.6f', now)}},
+  }})
+  store_record(id, claimed, 'running', '', now, nil)
+  return claimed
+end
 
 local function deliver(queue, inflight, entry, fields, count)
   for i = 1, #fields, 2 do
     if fields[i] == 'id' then
+      local id = fields[i + 1]
       redis.call('ZADD', inflight, now + timeout, entry)
       out[#out + 1] = queue
       out[#out + 1] = entry
-      out[#out + 1] = fields[i + 1]
+      out[#out + 1] = id
       out[#out + 1] = count
+      out[#out + 1] = claim_record(id)
       remaining = remaining - 1
       return
     end
@@ -246,7 +558,7 @@ local function deliver(queue, inflight, entry, fields, count)
   forget(queue, prefix .. 'q:' .. queue, entry)
 end
 
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local queue = ARGV[i]
   local stream = prefix .. 'q:' .. queue
   local delayed = prefix .. 'delayed:' .. queue
@@ -290,7 +602,7 @@ if #out > 0 then
 end
 local last_ids = {{}}
 local next_due = nil
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local queue = ARGV[i]
   local last = redis.call('XREVRANGE', prefix .. 'q:' .. queue, '+', '-', 'COUNT', 1)
   last_ids[#last_ids + 1] = last[1] and last[1][1] or '0-0'
@@ -309,6 +621,89 @@ if next_due ~= nil then
   next_in = string.format('%.6f', next_due - now)
 end
 return {{out, last_ids, next_in}}
+"""
+)
+
+# ARGV: prefix, ttl_ms, then per outcome: queue, entry id, delivery count ('' and '' for
+# a receipt this broker did not issue), id, json, status, dedup key (''), call key.
+# Returns how many records were stored.
+_FINISH: Final = (
+    _PRELUDE
+    + """
+local ttl_ms = ARGV[2]
+local now = server_time()
+local stored = 0
+local calls = {}
+local seen = {}
+for base = 3, #ARGV, 8 do
+  local queue, entry, count = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  local id, json, status = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+  local dedup, call_key = ARGV[base + 6], ARGV[base + 7]
+  local current = redis.call('GET', prefix .. 'inv:' .. id)
+  -- The first outcome wins; an unreadable record is replaced.
+  if current and not FINAL[record_status(current) or ''] then
+    store_record(id, json, status, ttl_ms, now, nil)
+    release_dedup(dedup, id)
+    redis.call('PUBLISH', prefix .. 'final', id)
+    stored = stored + 1
+    if not seen[call_key] then
+      seen[call_key] = true
+      calls[#calls + 1] = call_key
+    end
+  end
+  if entry ~= '' then
+    local stream = prefix .. 'q:' .. queue
+    if held(stream, entry, count) then
+      forget(queue, stream, entry)
+    end
+  end
+end
+-- Each call's index once, after all of the batch is stored.
+for _, call_key in ipairs(calls) do
+  settle_call_index(prefix .. 'call:' .. call_key, now)
+end
+if stored > 0 then
+  -- Drop ids whose records have expired, so the status sets stay bounded.
+  for _, s in ipairs(FINALS) do
+    redis.call('ZREMRANGEBYSCORE', prefix .. 'status:' .. s, '-inf', now)
+  end
+end
+return stored
+"""
+)
+
+# ARGV: prefix, call key, limit. Returns flat (id, record JSON) pairs, oldest first;
+# ids whose record has expired are removed from the index on the way.
+_FIND_BY_CALL: Final = (
+    _PRELUDE
+    + """
+local index = prefix .. 'call:' .. ARGV[2]
+local limit = tonumber(ARGV[3])
+local out = {}
+local found = 0
+local start = 0
+while found < limit do
+  local ids = redis.call('ZRANGE', index, start, start + 99)
+  if #ids == 0 then
+    break
+  end
+  local gone = {}
+  for _, id in ipairs(ids) do
+    local json = redis.call('GET', prefix .. 'inv:' .. id)
+    if not json then
+      gone[#gone + 1] = id
+    elseif found < limit then
+      out[#out + 1] = id
+      out[#out + 1] = json
+      found = found + 1
+    end
+  end
+  if #gone > 0 then
+    redis.call('ZREM', index, unpack(gone))
+  end
+  start = start + #ids - #gone
+end
+return out
 """
 )
 
@@ -347,19 +742,20 @@ return changed
 """
 )
 
-# ARGV: prefix, ttl_ms, queue, entry id, delivery count, id, json, status, delay (s).
-# Returns 1 if the receipt was current (and the retry happened).
+# ARGV: prefix, ttl_ms, queue, entry id, delivery count, id, json, status, delay (s),
+# call key. Returns 1 if the receipt was current (and the retry happened).
 _RETRY: Final = (
     _PRELUDE
     + """
 local ttl_ms, queue, entry, count = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local id, json, status, delay = ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
+local call_key = ARGV[10]
 local stream = prefix .. 'q:' .. queue
 if not held(stream, entry, count) then
   return 0
 end
 local now = server_time()
-store_record(id, json, status, ttl_ms, now)
+store_record(id, json, status, ttl_ms, now, call_key)
 forget(queue, stream, entry)
 if delay > 0 then
   redis.call('ZADD', prefix .. 'delayed:' .. queue, now + delay, id)
@@ -406,7 +802,8 @@ class RedisBroker(BrokerBase):
     :param username: ACL user name, if any.
     :param password: password, if any (never shown in :attr:`url` or messages).
     :param ssl: connect with TLS (``rediss://``).
-    :param prefix: prepended to every key in Redis, so several apps can share a DB.
+    :param prefix: prepended to every key in Redis, so several apps can share a DB
+        (default ``acall:b:``).
     :param record_ttl: seconds a finished record is kept (``None``: forever).
     :param retries: reconnect attempts for one operation before it fails with
         :class:`~acall.errors.BrokerUnavailableError`.
@@ -427,13 +824,13 @@ class RedisBroker(BrokerBase):
     def __init__(
         self,
         host: str = "localhost",
-        port: int = _DEFAULT_PORT,
+        port: int = DEFAULT_PORT,
         db: int = 0,
         *,
         username: str | None = None,
         password: str | None = None,
         ssl: bool = False,
-        prefix: str = "acall:",
+        prefix: str = DEFAULT_PREFIX,
         record_ttl: float | None = DEFAULT_RECORD_TTL,
         retries: int = 5,
         socket_timeout: float = 30.0,
@@ -443,43 +840,22 @@ class RedisBroker(BrokerBase):
         ssl_cert_reqs: str = "required",
         url: str | None = None,
     ) -> None:
-        if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
-            raise ConfigurationError(
-                f"invalid Redis key prefix {prefix!r:.80}: use up to 200 printable ASCII "
-                "characters without spaces (the default is 'acall:')"
+        check_settings(
+            prefix=prefix,
+            default_prefix=DEFAULT_PREFIX,
+            port=port,
+            db=db,
+            retries=retries,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            ssl_cert_reqs=ssl_cert_reqs,
+        )
+        super().__init__(
+            shown_url(
+                url, ssl=ssl, username=username, password=password, host=host, port=port, db=db
             )
-        for name, number, low in (
-            ("port", port, 1),
-            ("db", db, 0),
-            ("retries", retries, 0),
-            ("max_connections", max_connections, 1),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < low:
-                raise ConfigurationError(f"{name} must be an int >= {low}, got {number!r:.80}")
-        for name, seconds in (
-            ("socket_timeout", socket_timeout),
-            ("socket_connect_timeout", socket_connect_timeout),
-        ):
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not math.isfinite(seconds)
-                or seconds <= 0
-            ):
-                raise ConfigurationError(
-                    f"{name} must be a positive number of seconds, got {seconds!r:.80}"
-                )
-        if ssl_cert_reqs not in ("required", "optional", "none"):
-            raise ConfigurationError(
-                f"ssl_cert_reqs must be 'required', 'optional' or 'none', got {ssl_cert_reqs!r}"
-            )
-        if url is None:
-            scheme = "rediss" if ssl else "redis"
-            auth = ""
-            if username or password:
-                auth = f"{username or ''}{':***' if password else ''}@"
-            url = f"{scheme}://{auth}{host}:{port}/{db}"
-        super().__init__(redact_url(url))
+        )
         self.prefix = prefix
         self.record_ttl = validate_ttl(record_ttl, what="record_ttl")
         self.host = host
@@ -488,35 +864,33 @@ class RedisBroker(BrokerBase):
         self._ttl_ms = "" if self.record_ttl is None else str(math.ceil(self.record_ttl * 1000))
         # A blocking read must end well before the client gives up on the socket.
         self._max_block = min(_MAX_BLOCK, socket_timeout / 2)
-
-        connection_class: type[AbstractConnection] = Connection
-        tls: dict[str, Any] = {}
-        if ssl:
-            connection_class = SSLConnection
-            tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs}
-        # A blocking pool makes a burst of concurrent operations wait for a connection
-        # instead of failing with "Too many connections".
-        self._pool = BlockingConnectionPool(
-            max_connections=max_connections,
-            connection_class=connection_class,
+        # Dropped connections are re-dialled and the command re-sent: the scripts are
+        # written for that (see the module docstring).
+        self._redis = RedisConnection(
+            kind="broker",
+            url=self.url,
             host=host,
             port=port,
             db=db,
             username=username,
             password=password,
+            ssl=ssl,
+            ssl_ca_certs=ssl_ca_certs,
+            ssl_cert_reqs=ssl_cert_reqs,
+            retries=retries,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
-            # Dropped connections are re-dialled with jittered backoff, and the command
-            # re-sent (the scripts are written for that, see the module docstring).
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
-            client_name="acall-broker",
+            max_connections=max_connections,
             decode_responses=True,
-            **tls,
+            error=BrokerError,
+            unavailable=BrokerUnavailableError,
         )
-        self._client = Redis(connection_pool=self._pool)
+        self._client: Redis = self._redis.client
         self._submit = self._client.register_script(_SUBMIT)
         self._update_script = self._client.register_script(_UPDATE)
         self._receive_script = self._client.register_script(_RECEIVE)
+        self._finish_script = self._client.register_script(_FINISH)
+        self._find_script = self._client.register_script(_FIND_BY_CALL)
         self._ack_script = self._client.register_script(_ACK)
         self._deadline_script = self._client.register_script(_SET_DEADLINE)
         self._retry_script = self._client.register_script(_RETRY)
@@ -530,79 +904,21 @@ class RedisBroker(BrokerBase):
         ``socket_connect_timeout``, ``max_connections``, ``ssl_ca_certs``,
         ``ssl_cert_reqs``; keyword *options* override them.
         """
-        shown = redact_url(url)
-        try:
-            parts = urllib.parse.urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"malformed Redis URL {shown!r} ({exc}); expected {_URL_FORMS}"
-            ) from None
-        if parts.scheme not in ("redis", "rediss"):
-            raise ConfigurationError(f"malformed Redis URL {shown!r}: expected {_URL_FORMS}")
-        if not parts.hostname:
-            raise ConfigurationError(
-                f"Redis URL {shown!r} names no host; expected {_URL_FORMS}, "
-                "for example redis://127.0.0.1:6379/0"
-            )
-        if parts.fragment:
-            raise ConfigurationError(
-                f"Redis URL {shown!r} has a '#' fragment; expected {_URL_FORMS}"
-            )
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ConfigurationError(
-                f"Redis URL {shown!r}: the path must be a database number like /0, "
-                f"got {parts.path!r}"
-            )
-        merged = store_options(
-            shown,
-            parts.query,
-            options,
-            {
-                "prefix": str,
-                "record_ttl": float,
-                "retries": int,
-                "socket_timeout": float,
-                "socket_connect_timeout": float,
-                "max_connections": int,
-                "ssl_ca_certs": str,
-                "ssl_cert_reqs": str,
-            },
-        )
-        base_url = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
-        query = f"?{parts.query}" if parts.query else ""
-        return cls(
-            parts.hostname,
-            port if port is not None else _DEFAULT_PORT,
-            int(path) if path else 0,
-            username=urllib.parse.unquote(parts.username) if parts.username else None,
-            password=urllib.parse.unquote(parts.password) if parts.password else None,
-            ssl=parts.scheme == "rediss",
-            url=base_url + query,
-            **merged,  # type: ignore[arg-type]
-        )
+        converters: dict[str, Callable[[str], object]] = {
+            **CONNECTION_OPTIONS,
+            "record_ttl": float,
+        }
+        arguments = url_arguments(url, options, converters, _URL_FORMS)
+        return cls(**arguments)  # type: ignore[arg-type]
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
-        """Await *operation*, turning every redis-py failure into an acall error."""
-        try:
-            return await operation()
-        except redis_errors.AuthenticationError as exc:
-            raise BrokerUnavailableError(
-                f"Redis broker {self.url} refused our credentials while trying to {what}: "
-                f"{exc}; check the user name and password in the broker URL"
-            ) from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise BrokerUnavailableError(
-                f"Redis broker {self.url} is unreachable (tried to {what}): {exc}; check that "
-                f"redis-server is running and reachable at {self.host}:{self.port}"
-            ) from exc
-        except redis_errors.RedisError as exc:
-            raise BrokerError(
-                f"Redis broker {self.url} failed to {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+        """Await *operation*, turning every redis-py failure into an acall error.
+
+        Every call is one request: a command, a script, or a pipeline of them.
+        """
+        return await self._redis.call(what, operation)
 
     def _receipt_args(self, deliveries: Sequence[Delivery]) -> list[str]:
         """Flat (queue, entry id, count) triples of the receipts this broker issued."""
@@ -627,6 +943,7 @@ class RedisBroker(BrokerBase):
                     record.status.value,
                     record.dedup_key or "",
                     "" if record.not_before is None else repr(record.not_before),
+                    record.call_id.key,
                 ]
             replies += await self._call(
                 f"submit {len(records)} invocations", functools.partial(self._submit, args=args)
@@ -652,6 +969,7 @@ class RedisBroker(BrokerBase):
             self._encode(record),
             record.status.value,
             record.dedup_key or "",
+            record.call_id.key,
         ]
         found = await self._call(
             f"update invocation {record.invocation_id}",
@@ -667,8 +985,9 @@ class RedisBroker(BrokerBase):
         visibility_timeout: float,
         wait: float,
     ) -> list[Delivery]:
+        worker_json = json.dumps(consumer, ensure_ascii=False)
         args: list[str | int] = [self.prefix, consumer, max_items, repr(visibility_timeout)]
-        args += queues
+        args += [worker_json, *queues]
         streams = [f"{self.prefix}q:{queue}" for queue in queues]
         what = f"receive from {', '.join(queues)}"
         deadline = time.monotonic() + wait
@@ -677,9 +996,15 @@ class RedisBroker(BrokerBase):
             flat = reply[0]
             if flat:
                 return [
-                    Delivery(invocation_id, queue, f"{queue}/{entry}/{count}", int(count))
-                    for queue, entry, invocation_id, count in zip(
-                        flat[0::4], flat[1::4], flat[2::4], flat[3::4], strict=True
+                    Delivery(
+                        invocation_id,
+                        queue,
+                        f"{queue}/{entry}/{count}",
+                        int(count),
+                        None if text is None else self._decode_claimed(text, invocation_id),
+                    )
+                    for queue, entry, invocation_id, count, text in zip(
+                        flat[0::5], flat[1::5], flat[2::5], flat[3::5], flat[4::5], strict=True
                     )
                 ]
             remaining = deadline - time.monotonic()
@@ -697,6 +1022,47 @@ class RedisBroker(BrokerBase):
             await self._call(
                 what, functools.partial(self._client.xread, after, 1, int(block * 1000))
             )
+
+    async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
+        batches: list[list[str]] = []
+        for start in range(0, len(outcomes), _FINISH_CHUNK):
+            args = [self.prefix, self._ttl_ms]
+            for delivery, record in outcomes[start : start + _FINISH_CHUNK]:
+                entry, count = _parse_receipt(delivery) or ("", "")
+                args += [
+                    delivery.queue,
+                    entry,
+                    count,
+                    record.invocation_id,
+                    self._encode(record),
+                    record.status.value,
+                    record.dedup_key or "",
+                    record.call_id.key,
+                ]
+            batches.append(args)
+        what = f"finish {len(outcomes)} invocations"
+        if len(batches) == 1:
+            await self._call(what, functools.partial(self._finish_script, args=batches[0]))
+            return
+
+        async def operation() -> list[Any]:
+            # One round trip; each script is atomic and idempotent on its own.
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args in batches:
+                    await self._finish_script(args=args, client=pipe)
+                return await pipe.execute()
+
+        await self._call(what, operation)
+
+    async def _find_by_call(self, call_key: str, limit: int) -> list[InvocationRecord]:
+        args: list[str | int] = [self.prefix, call_key, limit]
+        flat = await self._call(
+            f"find invocations of call {call_key!r}", lambda: self._find_script(args=args)
+        )
+        return [
+            self._decode(text, invocation_id)
+            for invocation_id, text in zip(flat[0::2], flat[1::2], strict=True)
+        ]
 
     async def _ack(self, delivery: Delivery) -> None:
         parsed = _parse_receipt(delivery)
@@ -729,6 +1095,7 @@ class RedisBroker(BrokerBase):
             self._encode(record),
             record.status.value,
             repr(delay),
+            record.call_id.key,
         ]
         await self._call(
             f"retry invocation {delivery.invocation_id}", lambda: self._retry_script(args=args)
@@ -748,6 +1115,7 @@ class RedisBroker(BrokerBase):
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await self._call(what, lambda: pubsub.subscribe(f"{self.prefix}final"))
+            yield set()  # subscribed: see Broker.watch_final
             next_tick = time.monotonic() + _TICK
             while not self._closed:
                 ids: set[str] = set()
@@ -794,4 +1162,4 @@ class RedisBroker(BrokerBase):
         return sum(int(count) for count in counts)
 
     async def _close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        await self._redis.close()

@@ -7,7 +7,9 @@ The file is opened in WAL mode (readers never block the writer) with
         id TEXT PRIMARY KEY, queue TEXT, status TEXT,
         record TEXT,          -- the InvocationRecord as DTOCodec JSON
         dedup_key TEXT,       -- the key registered at submission, if any
-        seq INTEGER,          -- submission order (a retry gets a new one)
+        call_key TEXT,        -- the call's key (CallId.key), for find_by_call()
+        created_seq INTEGER,  -- submission order, never changed (find_by_call's order)
+        seq INTEGER,          -- queue order: the submission's, or a retry's newer one
         visible_at REAL,      -- wall-clock time from which the entry may be delivered
         queued INTEGER,       -- 1 while the entry is in its queue (not acknowledged)
         receipt TEXT,         -- the current delivery's receipt, NULL when not in flight
@@ -19,32 +21,35 @@ The file is opened in WAL mode (readers never block the writer) with
 
 Every write that reads before it writes runs in a ``BEGIN IMMEDIATE`` transaction, which
 serialises writers across processes: deduplication is a look-up plus an insert under the
-``acall_dedup`` primary key in one such transaction. Receiving is one ``UPDATE ...
-RETURNING`` statement that claims the rows, so two consumers never get the same entry
-within its visibility window. Times are wall-clock because processes sharing the file
-share no monotonic clock. Every SQLite call runs in a worker thread, never on the event
-loop.
+``acall_dedup`` primary key in one such transaction. Receiving claims rows with one
+``UPDATE ... RETURNING`` statement, so two consumers never get the same entry within
+its visibility window, and marks the claimed invocations RUNNING in the same
+transaction; :meth:`~SqliteBroker.finish` records a whole batch of outcomes and acks in
+one transaction too. Times are wall-clock because processes sharing the file share no
+monotonic clock. Every SQLite call runs in a worker thread, never on the event loop.
+
+There is no schema migration: a file written by an earlier development version of this
+broker (without ``call_key``) must be deleted.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import random
 import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable
 from typing import Final, TypeVar
 
 import anyio
-import anyio.to_thread
+import attrs
 
+from acall._sqlite import IN_CHUNK, SqliteRunner, check_file_settings, chunks, split_url
 from acall.brokers._common import DEFAULT_RECORD_TTL, FINAL_STATUSES, BrokerBase
 from acall.brokers.base import Delivery
 from acall.dto import InvocationRecord, InvocationStatus
-from acall.errors import BrokerError, BrokerUnavailableError, ConfigurationError
+from acall.errors import BrokerError, BrokerUnavailableError
 from acall.stores.base import store_options, validate_ttl
 
 __all__ = ["SqliteBroker"]
@@ -54,7 +59,8 @@ _T = TypeVar("_T")
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS acall_invocations ("
     "id TEXT PRIMARY KEY, queue TEXT NOT NULL, status TEXT NOT NULL, record TEXT NOT NULL, "
-    "dedup_key TEXT, seq INTEGER NOT NULL, visible_at REAL NOT NULL, queued INTEGER NOT NULL, "
+    "dedup_key TEXT, call_key TEXT NOT NULL, created_seq INTEGER NOT NULL, "
+    "seq INTEGER NOT NULL, visible_at REAL NOT NULL, queued INTEGER NOT NULL, "
     "receipt TEXT, delivery_count INTEGER NOT NULL, final_seq INTEGER, "
     "updated_at REAL NOT NULL)",
     # receive() walks one queue in submission order, skipping entries in flight.
@@ -65,15 +71,18 @@ _SCHEMA: Final = (
     "CREATE INDEX IF NOT EXISTS acall_invocations_finished "
     "ON acall_invocations (updated_at) WHERE final_seq IS NOT NULL",
     "CREATE INDEX IF NOT EXISTS acall_invocations_status ON acall_invocations (status)",
+    # find_by_call(): the invocations of one call, oldest first.
+    "CREATE INDEX IF NOT EXISTS acall_invocations_call "
+    "ON acall_invocations (call_key, created_seq)",
     "CREATE TABLE IF NOT EXISTS acall_dedup (key TEXT PRIMARY KEY, invocation_id TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS acall_counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
     "INSERT OR IGNORE INTO acall_counters (name, value) VALUES ('seq', 0), ('final', 0)",
 )
 _FINAL_MARKS: Final = ",".join("?" * len(FINAL_STATUSES))
 _INSERT: Final = (
-    "INSERT INTO acall_invocations (id, queue, status, record, dedup_key, seq, visible_at, "
-    "queued, receipt, delivery_count, final_seq, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, 1, NULL, 0, NULL, ?)"
+    "INSERT INTO acall_invocations (id, queue, status, record, dedup_key, call_key, "
+    "created_seq, seq, visible_at, queued, receipt, delivery_count, final_seq, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 1, NULL, 0, NULL, ?)"
 )
 _LIVE_DUPLICATE: Final = (
     "SELECT i.id, i.record FROM acall_dedup AS d JOIN acall_invocations AS i "
@@ -83,8 +92,18 @@ _CLAIM_ONE_QUEUE: Final = (
     "SELECT * FROM (SELECT id, seq FROM acall_invocations "
     "WHERE queued = 1 AND queue = ? AND visible_at <= ? ORDER BY seq LIMIT ?)"
 )
-# SQLite's default limit on bound parameters was 999 before 3.32; stay well below it.
-_IN_CHUNK: Final = 500
+_SET_RECORD: Final = (
+    "UPDATE acall_invocations SET status = ?, record = ?, updated_at = ? WHERE id = ?"
+)
+_SET_FINAL: Final = (
+    "UPDATE acall_invocations SET status = ?, record = ?, updated_at = ?, final_seq = ? "
+    "WHERE id = ?"
+)
+_RELEASE_DEDUP: Final = "DELETE FROM acall_dedup WHERE key = ? AND invocation_id = ?"
+_ACK: Final = (
+    "UPDATE acall_invocations SET queued = 0, receipt = NULL "
+    "WHERE id = ? AND receipt = ? AND queued = 1"
+)
 _PURGE_INTERVAL: Final = 60.0
 _PURGE_BATCH: Final = 1000
 _POLL_FIRST: Final = 0.005
@@ -92,23 +111,6 @@ _POLL_MAX: Final = 0.1
 _WATCH_POLL: Final = 0.025
 _WATCH_BATCH: Final = 1000
 _TICK: Final = 1.0
-_SQLITE_BUSY: Final = 5
-_SQLITE_LOCKED: Final = 6
-
-_URL_FORMS: Final = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
-
-
-def _chunks(items: Sequence[str], size: int = _IN_CHUNK) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _is_busy(exc: sqlite3.Error) -> bool:
-    code = getattr(exc, "sqlite_errorcode", None)
-    if isinstance(code, int):
-        return (code & 0xFF) in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    text = str(exc)
-    return "database is locked" in text or "database table is locked" in text
 
 
 def _bump(conn: sqlite3.Connection, counter: str) -> int:
@@ -117,73 +119,6 @@ def _bump(conn: sqlite3.Connection, counter: str) -> int:
     ).fetchone()
     value: int = row[0]
     return value
-
-
-class _ConnectionPool:
-    """SQLite connections lent to worker threads, one thread at a time each.
-
-    ``check_same_thread=False`` is safe because a connection is only ever used by the
-    thread that borrowed it, and it lets :meth:`close` close every connection from one
-    thread. The capacity limiter of the broker bounds the pool's size.
-    """
-
-    def __init__(self, path: str, url: str, busy_timeout: float) -> None:
-        self._path = path
-        self._url = url
-        self._busy_timeout = busy_timeout
-        self._lock = threading.Lock()
-        self._idle: list[sqlite3.Connection] = []
-        self._closed = False
-        self._schema_ready = False
-
-    def acquire(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._closed:
-                raise BrokerError(f"broker {self._url} is closed")
-            if self._idle:
-                return self._idle.pop()
-        return self._open()
-
-    def release(self, conn: sqlite3.Connection, *, discard: bool) -> None:
-        with self._lock:
-            if not discard and not self._closed:
-                self._idle.append(conn)
-                return
-        conn.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-    def _open(self) -> sqlite3.Connection:
-        parent = os.path.dirname(self._path)
-        if not os.path.isdir(parent):
-            raise ConfigurationError(
-                f"cannot open SQLite broker {self._url}: directory {parent!r} does not exist; "
-                "create it first (acall does not create directories)"
-            )
-        conn = sqlite3.connect(
-            self._path,
-            timeout=self._busy_timeout,
-            isolation_level=None,  # autocommit; transactions are explicit BEGIN ... COMMIT
-            check_same_thread=False,
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            if not self._schema_ready:
-                conn.execute("BEGIN IMMEDIATE")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("COMMIT")
-                self._schema_ready = True
-        except BaseException:
-            conn.close()
-            raise
-        return conn
 
 
 class SqliteBroker(BrokerBase):
@@ -210,26 +145,22 @@ class SqliteBroker(BrokerBase):
         lock_timeout: float = 30.0,
         max_threads: int = 4,
     ) -> None:
-        path = os.fspath(path)
-        if not isinstance(path, str) or not path or path == ":memory:":
-            raise ConfigurationError(
-                f"invalid SQLite broker path {path!r}: give a file path ({_URL_FORMS}); "
-                "for a process-local broker use memory://"
-            )
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
-            raise ConfigurationError(f"lock_timeout must be a number, got {lock_timeout!r:.80}")
-        if not lock_timeout >= 0:
-            raise ConfigurationError(f"lock_timeout must be >= 0 seconds, got {lock_timeout!r}")
-        if isinstance(max_threads, bool) or not isinstance(max_threads, int) or max_threads < 1:
-            raise ConfigurationError(f"max_threads must be an int >= 1, got {max_threads!r:.80}")
+        path = check_file_settings(path, lock_timeout, max_threads, "broker")
         super().__init__("sqlite:///" + path)
         self.path = os.path.abspath(path)
         self.record_ttl = validate_ttl(record_ttl, what="record_ttl")
         self.lock_timeout = float(lock_timeout)
-        # Short waits inside SQLite keep each worker-thread call brief (a cancelled
-        # caller waits for its thread); the retry loop in _run covers the rest.
-        self._pool = _ConnectionPool(self.path, self.url, min(0.25, self.lock_timeout))
-        self._limiter = anyio.CapacityLimiter(max_threads)
+        self._db = SqliteRunner(
+            self.path,
+            self.url,
+            kind="broker",
+            schema=_SCHEMA,
+            schema_in_transaction=True,
+            lock_timeout=self.lock_timeout,
+            max_threads=max_threads,
+            error=BrokerError,
+            unavailable=BrokerUnavailableError,
+        )
         self._next_purge = 0.0
 
     @classmethod
@@ -239,17 +170,7 @@ class SqliteBroker(BrokerBase):
         Query options: ``record_ttl`` (seconds), ``lock_timeout`` (seconds),
         ``max_threads``; keyword *options* override them.
         """
-        if not url.startswith("sqlite:///"):
-            raise ConfigurationError(
-                f"malformed SQLite broker URL {url!r}: expected {_URL_FORMS} "
-                "(three slashes, then the path; four for an absolute path)"
-            )
-        path, _, query = url[len("sqlite:///") :].partition("?")
-        if not path or path == ":memory:" or "#" in path:
-            raise ConfigurationError(
-                f"malformed SQLite broker URL {url!r}: expected {_URL_FORMS}; "
-                "for a process-local broker use memory://"
-            )
+        path, query = split_url(url, "broker")
         merged = store_options(
             url, query, options, {"record_ttl": float, "lock_timeout": float, "max_threads": int}
         )
@@ -257,47 +178,12 @@ class SqliteBroker(BrokerBase):
 
     # -- running SQLite calls off the event loop -------------------------------------------
 
-    def _call(self, op: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run *op* with a pooled connection (in a worker thread)."""
-        conn = self._pool.acquire()
-        discard = False
-        try:
-            return op(conn)
-        except sqlite3.Error as exc:
-            discard = not _is_busy(exc)
-            raise
-        finally:
-            if conn.in_transaction:
-                try:
-                    conn.rollback()
-                except sqlite3.Error:
-                    discard = True
-            self._pool.release(conn, discard=discard)
-
     async def _run(self, op: Callable[[sqlite3.Connection], _T], what: str) -> _T:
-        """Run *op* in a worker thread, retrying while the database is locked."""
-        deadline = time.monotonic() + self.lock_timeout
-        delay = 0.01
-        while True:
-            try:
-                return await anyio.to_thread.run_sync(self._call, op, limiter=self._limiter)
-            except sqlite3.Error as exc:
-                if not _is_busy(exc):
-                    raise BrokerUnavailableError(
-                        f"SQLite broker {self.url} failed to {what}: {exc}; check that the file "
-                        "is an acall database, readable and writable, and that the disk is not "
-                        "full"
-                    ) from exc
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise BrokerUnavailableError(
-                        f"SQLite broker {self.url} stayed locked for {self.lock_timeout:g} s "
-                        f"while trying to {what}; another process holds a long transaction "
-                        "on the file (raise lock_timeout if that is expected)"
-                    ) from exc
-            # Jittered exponential backoff, so processes waiting on the same lock spread out.
-            await anyio.sleep(min(remaining, delay * random.uniform(0.5, 1.0)))
-            delay = min(delay * 2, 0.25)
+        """Run *op* in a worker thread, retrying while the database is locked.
+
+        Every call is one worker-thread call and (at most) one transaction.
+        """
+        return await self._db.run(op, what)
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
         # Called inside a write transaction. Deleting in small batches now and then
@@ -339,8 +225,8 @@ class SqliteBroker(BrokerBase):
                     continue
                 seq += 1
                 visible_at = now if record.not_before is None else max(now, record.not_before)
-                values = (record.queue, record.status.value, text, key, seq, visible_at, now)
-                conn.execute(_INSERT, (invocation_id, *values))
+                values = (record.queue, record.status.value, text, key, record.call_id.key)
+                conn.execute(_INSERT, (invocation_id, *values, seq, seq, visible_at, now))
                 stored.append(None)
             conn.execute("UPDATE acall_counters SET value = ? WHERE name = 'seq'", (seq,))
             conn.execute("COMMIT")
@@ -356,10 +242,10 @@ class SqliteBroker(BrokerBase):
 
         def op(conn: sqlite3.Connection) -> dict[str, InvocationRecord]:
             found: dict[str, InvocationRecord] = {}
-            several = len(unique) > _IN_CHUNK
+            several = len(unique) > IN_CHUNK
             if several:
                 conn.execute("BEGIN")  # one snapshot across the chunked SELECTs
-            for chunk in _chunks(unique):
+            for chunk in chunks(unique):
                 rows = conn.execute(
                     f"SELECT id, record FROM acall_invocations WHERE id IN "
                     f"({','.join('?' * len(chunk))})",
@@ -390,14 +276,9 @@ class SqliteBroker(BrokerBase):
             if final:
                 final_seq = _bump(conn, "final")
                 if row[0] is not None:
-                    conn.execute(
-                        "DELETE FROM acall_dedup WHERE key = ? AND invocation_id = ?",
-                        (row[0], record.invocation_id),
-                    )
+                    conn.execute(_RELEASE_DEDUP, (row[0], record.invocation_id))
             conn.execute(
-                "UPDATE acall_invocations SET status = ?, record = ?, updated_at = ?, "
-                "final_seq = ? WHERE id = ?",
-                (record.status.value, text, now, final_seq, record.invocation_id),
+                _SET_FINAL, (record.status.value, text, now, final_seq, record.invocation_id)
             )
             if final:
                 self._maybe_purge(conn, now)
@@ -425,22 +306,41 @@ class SqliteBroker(BrokerBase):
             "UPDATE acall_invocations SET visible_at = ?, receipt = ? || id, "
             "delivery_count = delivery_count + 1 WHERE id IN (SELECT id FROM ("
             + " UNION ALL ".join([_CLAIM_ONE_QUEUE] * len(queues))
-            + ") ORDER BY seq LIMIT ?) RETURNING id, queue, receipt, delivery_count, seq"
+            + ") ORDER BY seq LIMIT ?) "
+            "RETURNING id, queue, receipt, delivery_count, seq, record"
         )
+        running = InvocationStatus.RUNNING
 
         def op(conn: sqlite3.Connection) -> list[Delivery]:
-            now = time.time()
             # A read first: idle consumers polling an empty queue then never take the
             # write lock that clients need for submitting.
-            if conn.execute(probe, (*queues, now)).fetchone() is None:
+            if conn.execute(probe, (*queues, time.time())).fetchone() is None:
                 return []
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
             params: list[object] = [now + visibility_timeout, uuid.uuid4().hex + "/"]
             for queue in queues:
                 params += [queue, now, max_items]
             params.append(max_items)
             rows = conn.execute(claim, params).fetchall()
             rows.sort(key=lambda row: row[4])  # RETURNING has no defined order
-            return [Delivery(row[0], row[1], row[2], row[3]) for row in rows]
+            deliveries: list[Delivery] = []
+            changes: list[tuple[str, str, float, str]] = []
+            for invocation_id, queue, receipt, count, _, text in rows:
+                record = self._decode_claimed(text, invocation_id)
+                if record is not None and not record.status.is_final:
+                    record = attrs.evolve(
+                        record,
+                        status=running,
+                        attempt=record.attempt + 1,
+                        worker_id=consumer,
+                        updated_at=now,
+                    )
+                    changes.append((running.value, self._encode(record), now, invocation_id))
+                deliveries.append(Delivery(invocation_id, queue, receipt, count, record))
+            conn.executemany(_SET_RECORD, changes)
+            conn.execute("COMMIT")
+            return deliveries
 
         deadline = time.monotonic() + wait
         delay = _POLL_FIRST
@@ -452,13 +352,65 @@ class SqliteBroker(BrokerBase):
             await anyio.sleep(min(delay, remaining))
             delay = min(delay * 2, _POLL_MAX)
 
+    async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
+        ids = list(dict.fromkeys(delivery.invocation_id for delivery, _ in outcomes))
+
+        def op(conn: sqlite3.Connection) -> None:
+            texts = [self._encode(record) for _, record in outcomes]
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            # Invocation id -> (status, dedup key) as stored, kept current while the
+            # batch is applied, so that within a batch the first outcome wins too.
+            stored: dict[str, tuple[str, str | None]] = {}
+            for chunk in chunks(ids):
+                rows = conn.execute(
+                    "SELECT id, status, dedup_key FROM acall_invocations WHERE id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    tuple(chunk),
+                ).fetchall()
+                stored.update((row[0], (row[1], row[2])) for row in rows)
+            row = conn.execute("SELECT value FROM acall_counters WHERE name = 'final'").fetchone()
+            final_seq: int = row[0]
+            writes: list[tuple[str, str, float, int, str]] = []
+            releases: list[tuple[str, str]] = []
+            for (_, record), text in zip(outcomes, texts, strict=True):
+                invocation_id = record.invocation_id
+                found = stored.get(invocation_id)
+                if found is None or found[0] in FINAL_STATUSES:
+                    continue  # unknown (or expired), or an outcome is recorded already
+                dedup_key = found[1]
+                final_seq += 1
+                writes.append((record.status.value, text, now, final_seq, invocation_id))
+                if dedup_key is not None:
+                    releases.append((dedup_key, invocation_id))
+                stored[invocation_id] = (record.status.value, dedup_key)
+            if writes:
+                conn.executemany(_SET_FINAL, writes)
+                conn.executemany(_RELEASE_DEDUP, releases)
+                conn.execute(
+                    "UPDATE acall_counters SET value = ? WHERE name = 'final'", (final_seq,)
+                )
+            conn.executemany(_ACK, [(d.invocation_id, d.receipt) for d, _ in outcomes])
+            if writes:
+                self._maybe_purge(conn, now)
+            conn.execute("COMMIT")
+
+        await self._run(op, f"finish {len(outcomes)} invocations")
+
+    async def _find_by_call(self, call_key: str, limit: int) -> list[InvocationRecord]:
+        def op(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            return conn.execute(
+                "SELECT id, record FROM acall_invocations WHERE call_key = ? "
+                "ORDER BY created_seq LIMIT ?",
+                (call_key, limit),
+            ).fetchall()
+
+        rows = await self._run(op, f"find invocations of call {call_key!r}")
+        return [self._decode(text, invocation_id) for invocation_id, text in rows]
+
     async def _ack(self, delivery: Delivery) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE acall_invocations SET queued = 0, receipt = NULL "
-                "WHERE id = ? AND receipt = ? AND queued = 1",
-                (delivery.invocation_id, delivery.receipt),
-            )
+            conn.execute(_ACK, (delivery.invocation_id, delivery.receipt))
 
         await self._run(op, f"acknowledge invocation {delivery.invocation_id}")
 
@@ -531,6 +483,7 @@ class SqliteBroker(BrokerBase):
         what = "watch for finished invocations"
         try:
             last = await self._run(start, what)
+            yield set()  # subscribed: see Broker.watch_final
             next_tick = time.monotonic() + _TICK
             while not self._closed:
                 rows = await self._run(functools.partial(poll, after=last), what)
@@ -570,5 +523,4 @@ class SqliteBroker(BrokerBase):
         return await self._run(op, f"count entries of queue {queue!r}")
 
     async def _close(self) -> None:
-        # Closing the last connection checkpoints the WAL: file I/O, so off the loop.
-        await anyio.to_thread.run_sync(self._pool.close, limiter=self._limiter)
+        await self._db.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import urllib.parse
 from typing import TYPE_CHECKING, Final
 
+from acall._redis import redact_url
 from acall.errors import ConfigurationError
 from acall.stores.base import KEY_PATTERN, Store, store_options, validate_key
 from acall.stores.memory import MemoryStore
@@ -38,7 +39,7 @@ __all__ = [
 
 _ACCEPTED: Final = (
     "memory:// or memory://name; sqlite:///relative/path.db or sqlite:////absolute/path.db; "
-    "redis://[[user]:password@]host[:port][/db][?prefix=acall:&ttl=SECONDS] "
+    "redis://[[user]:password@]host[:port][/db][?prefix=acall:data:&ttl=SECONDS] "
     "(rediss:// for TLS)"
 )
 
@@ -59,7 +60,7 @@ def open_store(url: str, **options: object) -> Store:
     scheme, sep, rest = url.partition("://")
     if not sep:
         raise ConfigurationError(
-            f"malformed store URL {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+            f"malformed store URL {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
         )
     if scheme == "memory":
         return _open_memory(url, rest, options)
@@ -68,7 +69,7 @@ def open_store(url: str, **options: object) -> Store:
     if scheme in ("redis", "rediss"):
         return _redis_store_class().from_url(url, **options)
     raise ConfigurationError(
-        f"unknown store URL scheme {scheme!r} in {_shown(url)!r}; accepted forms: {_ACCEPTED}"
+        f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
     )
 
 
@@ -80,16 +81,6 @@ def _open_memory(url: str, rest: str, options: dict[str, object]) -> MemoryStore
         )
     merged = store_options(url, query, options, {"ttl": float, "max_value_size": int})
     return MemoryStore(urllib.parse.unquote(name) or None, **merged)  # type: ignore[arg-type]
-
-
-def _shown(url: str) -> str:
-    # Import-free redaction, so a bad URL never echoes a password into a log.
-    head, at, tail = url.rpartition("@")
-    if not at:
-        return url
-    scheme, sep, auth = head.partition("://")
-    user, colon, _ = auth.partition(":")
-    return f"{scheme}{sep}{user}{':***' if colon else ''}@{tail}"
 
 
 def _redis_store_class() -> type[RedisStore]:

@@ -10,36 +10,37 @@ from __future__ import annotations
 
 import math
 import re
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
-from redis import exceptions as redis_errors
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.asyncio import Redis
 
-from acall.errors import ConfigurationError, StoreError, StoreUnavailableError
-from acall.stores.base import KEY_PATTERN, MiB, Store, store_options
+from acall._redis import (
+    CONNECTION_OPTIONS,
+    DEFAULT_PORT,
+    RedisConnection,
+    check_settings,
+    redact_url,
+    shown_url,
+    url_arguments,
+)
+from acall.errors import StoreError, StoreUnavailableError
+from acall.stores.base import KEY_PATTERN, MiB, Store
 
-__all__ = ["RedisStore", "redact_url"]
+# redact_url is re-exported: it was first defined here.
+__all__ = ["DEFAULT_PREFIX", "RedisStore", "redact_url"]
 
 _T = TypeVar("_T")
 
+#: The key prefix of a store unless the URL says otherwise.
+DEFAULT_PREFIX: Final = "acall:data:"
+
 _URL_FORMS: Final = (
-    "redis://[[user]:password@]host[:port][/db][?prefix=acall:&ttl=SECONDS] (rediss:// for TLS)"
+    "redis://[[user]:password@]host[:port][/db][?prefix=acall:data:&ttl=SECONDS] "
+    "(rediss:// for TLS)"
 )
-_PREFIX_RE: Final = re.compile(r"[!-~]{0,200}")  # printable ASCII, no spaces
 _GLOB_SPECIAL: Final = re.compile(r"([\\*?\[\]])")
-_PASSWORD_RE: Final = re.compile(r"(?<=//)([^/@]*?):[^/@]*@")
 _SCAN_COUNT: Final = 1000
-_DEFAULT_PORT: Final = 6379
-
-
-def redact_url(url: str) -> str:
-    """Return *url* with any password in its user-info part replaced by ``***``."""
-    return _PASSWORD_RE.sub(r"\1:***@", url)
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -80,13 +81,13 @@ class RedisStore(Store):
     def __init__(
         self,
         host: str = "localhost",
-        port: int = _DEFAULT_PORT,
+        port: int = DEFAULT_PORT,
         db: int = 0,
         *,
         username: str | None = None,
         password: str | None = None,
         ssl: bool = False,
-        prefix: str = "acall:",
+        prefix: str = DEFAULT_PREFIX,
         ttl: float | None = None,
         retries: int = 5,
         socket_timeout: float = 30.0,
@@ -97,71 +98,46 @@ class RedisStore(Store):
         ssl_cert_reqs: str = "required",
         url: str | None = None,
     ) -> None:
-        if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
-            raise ConfigurationError(
-                f"invalid Redis key prefix {prefix!r:.80}: use up to 200 printable ASCII "
-                "characters without spaces (the default is 'acall:')"
-            )
-        for name, number, low in (
-            ("port", port, 1),
-            ("db", db, 0),
-            ("retries", retries, 0),
-            ("max_connections", max_connections, 1),
-        ):
-            if isinstance(number, bool) or not isinstance(number, int) or number < low:
-                raise ConfigurationError(f"{name} must be an int >= {low}, got {number!r:.80}")
-        for name, seconds in (
-            ("socket_timeout", socket_timeout),
-            ("socket_connect_timeout", socket_connect_timeout),
-        ):
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not math.isfinite(seconds)
-                or seconds <= 0
-            ):
-                raise ConfigurationError(
-                    f"{name} must be a positive number of seconds, got {seconds!r:.80}"
-                )
-        if ssl_cert_reqs not in ("required", "optional", "none"):
-            raise ConfigurationError(
-                f"ssl_cert_reqs must be 'required', 'optional' or 'none', got {ssl_cert_reqs!r}"
-            )
-        if url is None:
-            scheme = "rediss" if ssl else "redis"
-            auth = ""
-            if username or password:
-                auth = f"{username or ''}{':***' if password else ''}@"
-            url = f"{scheme}://{auth}{host}:{port}/{db}"
-        super().__init__(redact_url(url), max_value_size=max_value_size, default_ttl=ttl)
+        check_settings(
+            prefix=prefix,
+            default_prefix=DEFAULT_PREFIX,
+            port=port,
+            db=db,
+            retries=retries,
+            max_connections=max_connections,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            ssl_cert_reqs=ssl_cert_reqs,
+        )
+        url = shown_url(
+            url, ssl=ssl, username=username, password=password, host=host, port=port, db=db
+        )
+        super().__init__(url, max_value_size=max_value_size, default_ttl=ttl)
         self.prefix = prefix
         self.host = host
         self.port = port
         self.db = db
         self._prefix_bytes = prefix.encode("ascii")
-
-        connection_class: type[AbstractConnection] = Connection
-        tls: dict[str, Any] = {}
-        if ssl:
-            connection_class = SSLConnection
-            tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs}
-        # A blocking pool makes a burst of concurrent operations wait for a connection
-        # instead of failing with "Too many connections".
-        self._pool = BlockingConnectionPool(
-            max_connections=max_connections,
-            connection_class=connection_class,
+        self._redis = RedisConnection(
+            kind="store",
+            url=self.url,
             host=host,
             port=port,
             db=db,
             username=username,
             password=password,
+            ssl=ssl,
+            ssl_ca_certs=ssl_ca_certs,
+            ssl_cert_reqs=ssl_cert_reqs,
+            retries=retries,
             socket_timeout=socket_timeout,
             socket_connect_timeout=socket_connect_timeout,
-            retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), retries),
-            client_name="acall-store",
-            **tls,
+            max_connections=max_connections,
+            decode_responses=False,
+            error=StoreError,
+            unavailable=StoreUnavailableError,
         )
-        self._client = Redis(connection_pool=self._pool)
+        self._client: Redis = self._redis.client
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> RedisStore:
@@ -171,59 +147,13 @@ class RedisStore(Store):
         ``socket_connect_timeout``, ``max_connections``, ``max_value_size``,
         ``ssl_ca_certs``, ``ssl_cert_reqs``; keyword *options* override them.
         """
-        shown = redact_url(url)
-        try:
-            parts = urllib.parse.urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"malformed Redis URL {shown!r} ({exc}); expected {_URL_FORMS}"
-            ) from None
-        if parts.scheme not in ("redis", "rediss"):
-            raise ConfigurationError(f"malformed Redis URL {shown!r}: expected {_URL_FORMS}")
-        if not parts.hostname:
-            raise ConfigurationError(
-                f"Redis URL {shown!r} names no host; expected {_URL_FORMS}, "
-                "for example redis://127.0.0.1:6379/0"
-            )
-        if parts.fragment:
-            raise ConfigurationError(
-                f"Redis URL {shown!r} has a '#' fragment; expected {_URL_FORMS}"
-            )
-        path = parts.path.strip("/")
-        if path and not (path.isascii() and path.isdigit()):
-            raise ConfigurationError(
-                f"Redis URL {shown!r}: the path must be a database number like /0, "
-                f"got {parts.path!r}"
-            )
-        merged = store_options(
-            shown,
-            parts.query,
-            options,
-            {
-                "prefix": str,
-                "ttl": float,
-                "retries": int,
-                "socket_timeout": float,
-                "socket_connect_timeout": float,
-                "max_connections": int,
-                "max_value_size": int,
-                "ssl_ca_certs": str,
-                "ssl_cert_reqs": str,
-            },
-        )
-        base_url = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
-        query = f"?{parts.query}" if parts.query else ""
-        return cls(
-            parts.hostname,
-            port if port is not None else _DEFAULT_PORT,
-            int(path) if path else 0,
-            username=urllib.parse.unquote(parts.username) if parts.username else None,
-            password=urllib.parse.unquote(parts.password) if parts.password else None,
-            ssl=parts.scheme == "rediss",
-            url=base_url + query,
-            **merged,  # type: ignore[arg-type]
-        )
+        converters: dict[str, Callable[[str], object]] = {
+            **CONNECTION_OPTIONS,
+            "ttl": float,
+            "max_value_size": int,
+        }
+        arguments = url_arguments(url, options, converters, _URL_FORMS)
+        return cls(**arguments)  # type: ignore[arg-type]
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -236,22 +166,7 @@ class RedisStore(Store):
 
     async def _call(self, what: str, operation: Callable[[], Awaitable[_T]]) -> _T:
         """Await *operation*, turning every redis-py failure into an acall error."""
-        try:
-            return await operation()
-        except redis_errors.AuthenticationError as exc:
-            raise StoreUnavailableError(
-                f"Redis store {self.url} refused our credentials while trying to {what}: "
-                f"{exc}; check the user name and password in the store URL"
-            ) from exc
-        except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-            raise StoreUnavailableError(
-                f"Redis store {self.url} is unreachable (tried to {what}): {exc}; check that "
-                f"redis-server is running and reachable at {self.host}:{self.port}"
-            ) from exc
-        except redis_errors.RedisError as exc:
-            raise StoreError(
-                f"Redis store {self.url} failed to {what}: {type(exc).__name__}: {exc}"
-            ) from exc
+        return await self._redis.call(what, operation)
 
     # -- backend hooks ------------------------------------------------------------------------
 
@@ -329,4 +244,4 @@ class RedisStore(Store):
                 return
 
     async def _close(self) -> None:
-        await self._client.aclose(close_connection_pool=True)
+        await self._redis.close()
