@@ -50,6 +50,7 @@ from acall.errors import (
     TaskError,
     UnknownTaskError,
     UnsafePayloadError,
+    WorkerCrashError,
 )
 from acall.hashing import (
     compute_args_id,
@@ -130,6 +131,7 @@ __all__ = [
     "UnknownTaskError",
     "UnsafePayloadError",
     "Worker",
+    "WorkerCrashError",
     "compute_args_id",
     "current_invocation",
     "open_broker",

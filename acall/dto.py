@@ -13,7 +13,8 @@ JSON shapes (``docs/wire-format.md`` is the normative description)::
                       "status": "pending", "attempt": 0, "max_retries": 0,
                       "created_at": 1.7e9, "updated_at": 1.7e9, "not_before": null,
                       "timeout": null, "worker_id": null, "dedup_key": null,
-                      "error": null | {"type_name": str, "message": str, "serialized": str|null},
+                      "error": null | {"type_name": str, "message": str,
+                                       "serialized": str|null, "traceback": str|null},
                       "result": null | str}
 """
 

@@ -26,6 +26,7 @@ task, the argument, the field or the reference where one exists.
     └── TaskError                   task registry and results
         ├── UnknownTaskError        a task key is not registered in this app
         ├── ResultTimeoutError      a result did not arrive in time
+        ├── WorkerCrashError        delivered too often without an outcome (workers died)
         └── RemoteTaskError         a task failed with an exception acall could not rebuild
 
 Errors that describe bad *input* also derive from :class:`ValueError`, so code written
@@ -58,6 +59,7 @@ __all__ = [
     "TaskError",
     "UnknownTaskError",
     "UnsafePayloadError",
+    "WorkerCrashError",
 ]
 
 
@@ -192,6 +194,14 @@ class UnknownTaskError(TaskError, LookupError):
 
 class ResultTimeoutError(TaskError, TimeoutError):
     """A result did not arrive within the given timeout; the invocation keeps running."""
+
+
+class WorkerCrashError(TaskError):
+    """An invocation was delivered too many times without an outcome.
+
+    Each delivery's worker died before recording one (out of memory, a segfault, a
+    kill): the invocation fails instead of taking down worker after worker.
+    """
 
 
 class RemoteTaskError(TaskError):

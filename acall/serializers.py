@@ -472,10 +472,10 @@ class JsonSerializer:
         if found is None:
             message = spec.get("message", str(args))
             return RuntimeError(f"{type_name}: {message}")
-        if not (isinstance(found, type) and issubclass(found, BaseException)):
+        if not (isinstance(found, type) and issubclass(found, Exception)):
             raise UnsafePayloadError(
                 f"refusing {ERROR_KEY} envelope: builtins.{type_name} is "
-                f"{_kind(found)}, not an exception class"
+                f"{_kind(found)}, not an Exception class"
             )
         return _instantiate_exception(found, args, type_name)
 
@@ -489,10 +489,12 @@ class JsonSerializer:
         except LookupError:
             # The class is not available here: keep the information, lose the type.
             return RemoteTaskError(f"{module}.{qualname}", str(message))
-        if not (isinstance(found, type) and issubclass(found, BaseException)):
+        if not (isinstance(found, type) and issubclass(found, Exception)):
+            # Exception only, as the encoder writes: a payload must never make a client
+            # raise SystemExit, KeyboardInterrupt or GeneratorExit.
             raise UnsafePayloadError(
                 f"refusing {EXCEPTION_KEY} envelope: {module}.{qualname} is "
-                f"{_kind(found)}, not an exception class"
+                f"{_kind(found)}, not an Exception class"
             )
         return _instantiate_exception(found, args, f"{module}.{qualname}")
 

@@ -167,7 +167,7 @@ class App:
         if self._entered:
             raise ConfigurationError("cannot reconfigure an app that is in use")
         if store is None:
-            store = broker if isinstance(broker, str) else "memory://"
+            store = _default_store_url(broker)
         self.broker = open_broker(broker) if isinstance(broker, str) else broker
         self.store = open_store(store) if isinstance(store, str) else store
         self.codec = OffloadCodec(self.store, self.serializer, self._offload)
@@ -300,6 +300,19 @@ class App:
                 f"invocation {invocation_id} did not finish within {timeout} s "
                 "(it keeps running; call result() again to keep waiting)"
             ) from None
+
+
+def _default_store_url(broker: Broker | str) -> str:
+    """The store URL an app uses when none is given: the broker's, minus its options."""
+    if isinstance(broker, str):
+        # Query options belong to the broker (record_ttl=...); the store has its own.
+        return broker.partition("?")[0]
+    if broker.url.startswith("memory://"):
+        return "memory://"
+    raise ConfigurationError(
+        f"pass store= as well when giving a broker object ({broker.url}): workers in other "
+        "processes must reach the same store to read offloaded values"
+    )
 
 
 class _Waiter:

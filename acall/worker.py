@@ -45,16 +45,26 @@ from acall.errors import (
     BrokerError,
     DeserializationError,
     InvalidKeyError,
+    SerializationError,
     UnknownTaskError,
+    WorkerCrashError,
 )
 from acall.tasks import App, Task, error_info
 
-__all__ = ["InvocationContext", "Worker", "WorkerStats", "current_invocation"]
+__all__ = [
+    "InvocationContext",
+    "Worker",
+    "WorkerStats",
+    "current_invocation",
+]
 
 logger = logging.getLogger("acall.worker")
 
-#: Errors that no retry can fix: the call's data itself is broken or unknown.
+#: Errors that no retry can fix: the call's data (or the task's result) is broken or
+#: unknown, so running the task again would only repeat its side effects.
 _PERMANENT = (
+    WorkerCrashError,
+    SerializationError,
     ArgumentTypeError,
     BlobCorruptedError,
     BlobNotFoundError,
@@ -187,6 +197,8 @@ class Worker:
         extended while the invocation runs, so it only matters when a worker dies.
     :param grace_period: seconds running invocations get to finish on shutdown.
     :param poll_wait: longest wait for new entries in one broker call.
+    :param max_deliveries: an entry delivered more often than this without an outcome
+        (its workers died each time) fails instead of running again.
     :param handle_signals: stop gracefully on SIGINT / SIGTERM.
     """
 
@@ -200,6 +212,7 @@ class Worker:
         visibility_timeout: float = 30.0,
         grace_period: float = 30.0,
         poll_wait: float = 0.5,
+        max_deliveries: int = 10,
         handle_signals: bool = True,
         worker_id: str | None = None,
     ) -> None:
@@ -215,6 +228,7 @@ class Worker:
         self.visibility_timeout = visibility_timeout
         self.grace_period = grace_period
         self.poll_wait = poll_wait
+        self.max_deliveries = max_deliveries
         self.handle_signals = handle_signals
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stats = WorkerStats()
@@ -421,6 +435,11 @@ class Worker:
         task = self.app.get_task(running.call_id.task_id.key)
         started = time.perf_counter()
         try:
+            if delivery.delivery_count > self.max_deliveries:
+                raise WorkerCrashError(
+                    f"delivered {delivery.delivery_count} times without an outcome: the task "
+                    "may be killing its worker (out of memory, a crash); giving up"
+                )
             if task is None:
                 raise UnknownTaskError(
                     f"task {running.call_id.task_id.key!r} is not registered in this "
@@ -456,17 +475,18 @@ class Worker:
                 record.invocation_id, task.key, record.attempt, record.max_retries, self.worker_id
             )
         )
-        if task.is_async:
-            if timeout is None:
+        if task.is_async and timeout is None:
+            return await task.invoke(arguments)
+        with anyio.move_on_after(timeout) as scope:
+            if task.is_async:
                 return await task.invoke(arguments)
-            with anyio.fail_after(timeout):
-                return await task.invoke(arguments)
-        # A thread cannot be interrupted: on timeout it is abandoned and its result
-        # discarded; the limiter slot stays taken until it really returns.
-        with anyio.fail_after(timeout):
+            # A thread cannot be interrupted: on timeout it is abandoned and its result
+            # discarded; the limiter slot stays taken until it really returns.
             return await anyio.to_thread.run_sync(
                 task.invoke, arguments, limiter=self._threads, abandon_on_cancel=True
             )
+        assert scope.cancelled_caught
+        raise TimeoutError(f"attempt {record.attempt} timed out after {timeout} s")
 
     async def _failed(
         self,

@@ -1,8 +1,10 @@
 """The same API on Redis: a worker in another process, clients anywhere.
 
-Start a worker:   acall worker examples.on_redis:app --broker redis://127.0.0.1:6379/0
-Then submit:      python examples/on_redis.py redis://127.0.0.1:6379/0
-With no worker running, pass --with-worker to run one in this process.
+From the repository root, start a worker:
+    acall worker examples.on_redis:app --broker redis://127.0.0.1:6379/0
+then submit:
+    python -m examples.on_redis redis://127.0.0.1:6379/0
+With no worker running, add --with-worker to run one in this process.
 """
 
 from __future__ import annotations
@@ -36,5 +38,11 @@ async def main(url: str, with_worker: bool) -> None:
 
 
 if __name__ == "__main__":
+    # Run the tasks under the module's importable name, examples.on_redis, not
+    # __main__: a worker started with `acall worker examples.on_redis:app` knows them
+    # by that key.
+    from examples import on_redis
+
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    anyio.run(main, args[0] if args else "redis://127.0.0.1:6379/0", "--with-worker" in sys.argv)
+    url = args[0] if args else "redis://127.0.0.1:6379/0"
+    anyio.run(on_redis.main, url, "--with-worker" in sys.argv)

@@ -251,6 +251,16 @@ UNSAFE = [
     _env("__pynenc__std_py_exc__", type="open", args=["/etc/passwd"], message=""),
     _env("__pynenc__std_py_exc__", type="__import__", args=["antigravity"], message=""),
     _env("__pynenc__std_py_exc__", type="dict", args=[], message=""),
+    # exceptions a client must never be made to raise
+    _env("__pynenc__std_py_exc__", type="SystemExit", args=[1], message=""),
+    _env("__pynenc__std_py_exc__", type="KeyboardInterrupt", args=[], message=""),
+    _env(
+        "__pynenc__client_exception__",
+        module="builtins",
+        qualname="GeneratorExit",
+        args=[],
+        message="",
+    ),
     # client-exception envelope naming functions, modules and non-exception classes
     _env(
         "__pynenc__client_exception__", module="os", qualname="system", args=["false"], message=""

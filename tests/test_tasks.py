@@ -151,3 +151,18 @@ async def test_exceptions_in_the_app_block_are_not_wrapped() -> None:
     with pytest.raises(KeyError):
         async with application:
             raise KeyError("plain")
+
+
+def test_store_defaults_to_the_broker_url_without_its_options(tmp_path: Any) -> None:
+    app = App(f"sqlite:///{tmp_path}/x.db?record_ttl=60")
+    assert app.store.url == f"sqlite:///{tmp_path}/x.db"
+
+
+async def test_a_broker_object_needs_an_explicit_store(tmp_path: Any) -> None:
+    from acall.brokers import open_broker
+
+    broker = open_broker(f"sqlite:///{tmp_path}/y.db")
+    with pytest.raises(ConfigurationError, match="pass store="):
+        App(broker)
+    await broker.close()
+    assert App(open_broker("memory://")).store.url == "memory://"

@@ -17,7 +17,9 @@ from acall import (
     BlobNotFoundError,
     InvocationStatus,
     ResultTimeoutError,
+    SerializationError,
     UnknownTaskError,
+    WorkerCrashError,
 )
 from acall.calls import ConcurrencyMode
 from acall.hashing import REFERENCE_PREFIX
@@ -282,3 +284,44 @@ async def test_result_timeout(app: App) -> None:
     with pytest.raises(ResultTimeoutError, match="did not finish"):
         await h.result(timeout=0.1)
     assert await h.status() is InvocationStatus.PENDING
+
+
+async def test_entries_delivered_too_often_fail_instead_of_looping(app: App) -> None:
+    """A task that kills its workers is not redelivered forever."""
+    h = await wa.add.submit(2, 2)
+    for _ in range(3):  # three "workers" take it and die without an outcome
+        (taken,) = await app.broker.receive(
+            ["default"], 1, consumer="doomed", visibility_timeout=0.05, wait=1
+        )
+        await anyio.sleep(0.06)
+    assert taken.invocation_id == h.invocation_id
+
+    async def body() -> None:
+        with pytest.raises(WorkerCrashError, match="delivered 4 times"):
+            await h.result(timeout=5)
+
+    await _with_worker(app, body, max_deliveries=3)
+
+
+async def test_unserializable_result_fails_without_retry(app: App) -> None:
+    @app.task(name="bad_result", retries=3, backoff=0.01)
+    async def bad_result() -> object:
+        return object()
+
+    async def body() -> None:
+        h = await bad_result.submit()
+        with pytest.raises(SerializationError, match="cannot JSON-serialize"):
+            await h.result(timeout=5)
+        assert (await h.record()).attempt == 1
+
+    await _with_worker(app, body)
+    del app.tasks[bad_result.key]
+
+
+async def test_timeout_error_says_what_timed_out(app: App) -> None:
+    async def body() -> None:
+        h = await wa.sleepy.submit(2.0)
+        with pytest.raises(TimeoutError, match=r"attempt 1 timed out after 0\.2 s"):
+            await h.result(timeout=5)
+
+    await _with_worker(app, body)

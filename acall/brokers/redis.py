@@ -1,7 +1,7 @@
 """A broker on Redis Streams, through ``redis.asyncio`` (redis-py >= 5).
 
 Key layout (``p`` is the prefix, default ``acall:b:``; the data store's default is
-``acall:``)::
+``acall:data:``, so neither ever scans or deletes the other's keys)::
 
     p inv:{id}          string  the InvocationRecord as DTOCodec JSON; finished ones
                                 expire after record_ttl, pending ones never
@@ -86,7 +86,7 @@ _T = TypeVar("_T")
 CONSUMER_GROUP: Final = "acall-workers"
 
 #: The key prefix of a broker unless the URL says otherwise (the data store's default is
-#: ``acall:``).
+#: ``acall:data:``).
 DEFAULT_PREFIX: Final = "acall:b:"
 
 _URL_FORMS: Final = (

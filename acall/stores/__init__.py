@@ -7,7 +7,7 @@ Pick a backend by URL with :func:`open_store`:
 * ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db`` — one SQLite file,
   shareable by several processes on one machine;
 * ``redis://[[user]:password@]host[:port][/db]`` (``rediss://`` for TLS) — Redis, with
-  query options ``prefix=`` (default ``acall:``) and ``ttl=`` (default expiry, seconds).
+  query options ``prefix=`` (default ``acall:data:``) and ``ttl=`` (default expiry, seconds).
 
 Every backend implements :class:`Store`. :class:`RedisStore` needs the ``redis``
 package (``pip install 'acall[redis]'``) and is imported on first use.

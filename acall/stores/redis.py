@@ -1,6 +1,6 @@
 """A data store in Redis, through ``redis.asyncio`` (redis-py >= 5).
 
-Keys are stored as ``prefix + key`` (default prefix ``acall:``). A dropped connection
+Keys are stored as ``prefix + key`` (default prefix ``acall:data:``). A dropped connection
 (a server-side ``CLIENT KILL``, an idle timeout, a short restart) is retried with
 jittered exponential backoff, so callers never see it; when the server stays
 unreachable the operation raises :class:`~acall.errors.StoreUnavailableError`.
