@@ -42,7 +42,13 @@ _layouts: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
 _LAYOUTS_MAX: Final = 4096
 
 
-def _layout(keys: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+_Layout = tuple[tuple[str, str], ...]
+# The most recent layout, checked before the dict: one tuple, swapped whole, so threads
+# never see keys paired with another call's layout.
+_last: tuple[tuple[str, ...], _Layout] = ((), ())
+
+
+def _layout(keys: tuple[str, ...]) -> _Layout:
     layout = tuple((key, _encode(key) + "=") for key in sorted(keys))
     if len(_layouts) >= _LAYOUTS_MAX:
         _layouts.clear()
@@ -60,6 +66,7 @@ def compute_args_id(serialized_args: Mapping[str, str]) -> str:
     :raises SerializationError: if a key or value is not a ``str`` or cannot be encoded
         as UTF-8 (a lone surrogate).
     """
+    global _last
     if not serialized_args:
         return NO_ARGS
     try:
@@ -70,7 +77,10 @@ def compute_args_id(serialized_args: Mapping[str, str]) -> str:
             if len(value) > _LARGE:
                 return _single_large(key, value)
         keys = tuple(serialized_args)
-        layout = _layouts.get(keys) or _layout(keys)
+        last_keys, layout = _last
+        if keys != last_keys:
+            layout = _layouts.get(keys) or _layout(keys)
+            _last = (keys, layout)
         parts = [prefix + _encode(serialized_args[key]) for key, prefix in layout]
         # Joining with ";" and appending one more gives exactly the concatenation of
         # "key=value;" items, one string operation less than formatting each item.
@@ -82,7 +92,7 @@ def compute_args_id(serialized_args: Mapping[str, str]) -> str:
                 hasher.update(part.encode("utf-8"))
                 hasher.update(b";")
             return hasher.hexdigest()
-        data = (text + ";").encode("utf-8")
+        data = (text + ";").encode()
     except (TypeError, AttributeError, UnicodeEncodeError):
         _raise_args_id_error(serialized_args)
         raise  # pragma: no cover - _raise_args_id_error always raises
