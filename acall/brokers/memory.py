@@ -13,9 +13,9 @@ submission.
 from __future__ import annotations
 
 import heapq
+import itertools
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncGenerator
 from typing import Final
@@ -80,6 +80,8 @@ class _MemoryData:
 
     def __init__(self) -> None:
         self.records: dict[str, InvocationRecord] = {}
+        # Receipts only need to be unique per delivery within this state: a counter does.
+        self.receipts = itertools.count(1)
         # Call key -> ids of its invocations in submission order (a dict as ordered set).
         self.by_call: dict[str, dict[str, None]] = {}
         self.dedup: dict[str, str] = {}
@@ -151,6 +153,7 @@ class _MemoryData:
                 if entry is not None:
                     heapq.heappush(queue.ready, (entry.seq, version, invocation_id))
         taken: list[Delivery] = []
+        wall_now = time.time()
         while len(taken) < max_items:
             best: _Queue | None = None
             for queue in queues:
@@ -161,7 +164,7 @@ class _MemoryData:
             if best is None:
                 break
             entry = self.entries[heapq.heappop(best.ready)[2]]
-            entry.receipt = uuid.uuid4().hex
+            entry.receipt = f"r{next(self.receipts)}"
             entry.delivery_count += 1
             self.place(entry, now + visibility_timeout, now)
             record = self.records.get(entry.invocation_id)
@@ -171,7 +174,7 @@ class _MemoryData:
                     status=InvocationStatus.RUNNING,
                     attempt=record.attempt + 1,
                     worker_id=consumer,
-                    updated_at=time.time(),
+                    updated_at=wall_now,
                 )
             taken.append(
                 Delivery(
