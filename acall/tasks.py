@@ -18,7 +18,6 @@ parameters; a task function may not use those names.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 import math
@@ -26,7 +25,15 @@ import random
 import time
 import traceback
 import typing
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from types import TracebackType
 from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 
@@ -284,22 +291,7 @@ class App:
 
     async def wait_final(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         """Wait until the invocation reaches SUCCESS or FAILED; return its record."""
-        # Often it is already done: one read, and no timer to set up.
-        record = await self.broker.get(invocation_id)
-        if record is None:
-            raise TaskError(f"unknown invocation {invocation_id!r}")
-        if record.status.is_final:
-            return record
-        if timeout is None:
-            return await self._waiter.wait(invocation_id)
-        try:
-            with anyio.fail_after(timeout):
-                return await self._waiter.wait(invocation_id)
-        except TimeoutError:
-            raise ResultTimeoutError(
-                f"invocation {invocation_id} did not finish within {timeout} s "
-                "(it keeps running; call result() again to keep waiting)"
-            ) from None
+        return await self._waiter.wait(invocation_id, timeout)
 
 
 def _default_store_url(broker: Broker | str) -> str:
@@ -329,11 +321,12 @@ class _Waiter:
 class _ResultWaiter:
     """Wakes every awaited handle of an app when its invocation finishes.
 
-    One of the waiting tasks at a time is the *leader*: it follows the broker's
+    One of the waiting tasks at a time is the *leader*: it reads the broker's
     ``watch_final`` stream (and polls every waited invocation now and then, since
     notifications are best effort) and wakes the others. When its own invocation
-    finishes, or it is cancelled, it hands the role to another waiter. So there is no
-    background task to start or stop, and nothing runs when nobody waits.
+    finishes, or it is cancelled, another waiter takes over the same subscription, so
+    there is no background task to start or stop and no re-subscription per handover;
+    the subscription is closed when nobody waits.
     """
 
     POLL_EVERY = 1.0
@@ -342,8 +335,10 @@ class _ResultWaiter:
         self.broker = broker
         self._waiters: dict[str, list[_Waiter]] = {}
         self._leader: _Waiter | None = None
+        self._stream: AsyncGenerator[set[str], None] | None = None
+        self._last_poll = -math.inf
 
-    async def wait(self, invocation_id: str) -> InvocationRecord:
+    async def wait(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         me = _Waiter()
         self._waiters.setdefault(invocation_id, []).append(me)
         try:
@@ -353,28 +348,44 @@ class _ResultWaiter:
                 raise TaskError(f"unknown invocation {invocation_id!r}")
             if record.status.is_final:
                 return record
-            while me.record is None:
-                if self._leader is None:
-                    self._leader = me
-                    try:
-                        await self._lead(me)
-                    finally:
-                        self._leader = None
-                        self._hand_over()
-                else:
-                    await me.wake.wait()
-                    me.wake = anyio.Event()
-            return me.record
+            if timeout is None:
+                return await self._follow(me)
+            try:
+                with anyio.fail_after(timeout):
+                    return await self._follow(me)
+            except TimeoutError:
+                raise ResultTimeoutError(
+                    f"invocation {invocation_id} did not finish within {timeout} s "
+                    "(it keeps running; call result() again to keep waiting)"
+                ) from None
         finally:
             waiters = self._waiters[invocation_id]
             waiters.remove(me)
             if not waiters:
                 del self._waiters[invocation_id]
+            if not self._waiters and self._leader is None and self._stream is not None:
+                stream, self._stream = self._stream, None
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
 
-    def _hand_over(self) -> None:
+    async def _follow(self, me: _Waiter) -> InvocationRecord:
+        while me.record is None:
+            if self._leader is None:
+                self._leader = me
+                try:
+                    await self._lead(me)
+                finally:
+                    self._leader = None
+                    self._hand_over(me)
+            else:
+                await me.wake.wait()
+                me.wake = anyio.Event()
+        return me.record
+
+    def _hand_over(self, leaving: _Waiter) -> None:
         for waiters in self._waiters.values():
             for waiter in waiters:
-                if waiter.record is None:
+                if waiter.record is None and waiter is not leaving:
                     waiter.wake.set()
                     return
 
@@ -382,22 +393,35 @@ class _ResultWaiter:
         delay = 0.1
         while not me.finished():
             try:
-                async with contextlib.aclosing(self.broker.watch_final()) as stream:
-                    # The stream's first item comes as soon as it is subscribed: checking
-                    # everything then covers whatever finished before.
-                    last_poll = -math.inf
-                    async for ids in stream:
-                        now = time.monotonic()
-                        if now - last_poll >= self.POLL_EVERY:
-                            due = list(self._waiters)
-                            last_poll = now
-                        else:
-                            due = [i for i in ids if i in self._waiters]
-                        if due:
-                            await self._check(due)
-                        if me.finished():
-                            return
+                if self._stream is None:
+                    self._stream = self.broker.watch_final()
+                    # Its first item comes as soon as it is subscribed: checking every
+                    # waited invocation then covers whatever finished before.
+                    self._last_poll = -math.inf
+                async for ids in self._stream:
+                    now = time.monotonic()
+                    if now - self._last_poll >= self.POLL_EVERY:
+                        due = list(self._waiters)
+                        self._last_poll = now
+                    else:
+                        due = [i for i in ids if i in self._waiters]
+                    if due:
+                        await self._check(due)
+                    if me.finished():
+                        return
+                self._stream = None  # the broker was closed
+                raise TaskError("the broker was closed while waiting for results")
+            except anyio.get_cancelled_exc_class():
+                # A generator interrupted mid-step cannot be resumed by the next leader.
+                stream, self._stream = self._stream, None
+                if stream is not None:
+                    with anyio.CancelScope(shield=True):
+                        await stream.aclose()
+                raise
             except AcallError as exc:
+                if isinstance(exc, TaskError):
+                    raise
+                self._stream = None
                 logger.warning("watching results: %s; retrying in %.1f s", exc, delay)
                 await anyio.sleep(delay)
                 delay = min(5.0, delay * 2)

@@ -10,7 +10,7 @@ import anyio
 import pytest
 from helpers import CountingStore
 
-from acall import App, ConfigurationError, InvocationStatus
+from acall import App, ConfigurationError, InvocationStatus, ResultTimeoutError
 from acall.calls import ConcurrencyMode
 from acall.hashing import REFERENCE_PREFIX
 from acall.tasks import RetryPolicy
@@ -166,3 +166,33 @@ async def test_a_broker_object_needs_an_explicit_store(tmp_path: Any) -> None:
         App(broker)
     await broker.close()
     assert App(open_broker("memory://")).store.url == "memory://"
+
+
+async def test_waiters_survive_a_cancelled_leader(app: App) -> None:
+    """A leader that times out hands the watch over; the others still get results."""
+    from acall.worker import Worker
+
+    @app.task
+    async def nap(seconds: float) -> float:
+        await anyio.sleep(seconds)
+        return seconds
+
+    worker = Worker(app, handle_signals=False, poll_wait=0.05, concurrency=8)
+    results: list[float] = []
+
+    async def wait_for(seconds: float, timeout: float | None) -> None:
+        handle = await nap.submit(seconds)
+        try:
+            results.append(await handle.result(timeout=timeout))
+        except ResultTimeoutError:
+            results.append(-1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        async with anyio.create_task_group() as waiters:
+            waiters.start_soon(wait_for, 0.5, 0.05)  # the first leader gives up early
+            await anyio.sleep(0.01)
+            for s in (0.1, 0.2, 0.3):
+                waiters.start_soon(wait_for, s, 10)
+        worker.stop()
+    assert sorted(results) == [-1, 0.1, 0.2, 0.3]
