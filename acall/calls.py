@@ -47,6 +47,9 @@ __all__ = [
 
 R = TypeVar("R")
 
+# Exact types whose JSON text is always short (a float or an int of < 1000 digits).
+_SCALAR_KINDS: frozenset[type] = frozenset({int, float, bool, type(None)})
+
 # Inline texts shorter than this are decoded on the loop in LazyCall's fast path.
 _INLINE_FAST = 4096
 
@@ -321,9 +324,27 @@ class Call(_CallBase[R]):
         """
         spec, codec = self.spec, self.codec
         types = spec.param_types
+        typed = types.annotations if types else {}
+        min_offload = codec.settings.min_size_to_offload
+        dumps = codec.serializer.dumps
+        stats = codec.stats
         complete = True
         for name in names:
             value = self._arguments[name]
+            kind = type(value)
+            if name not in typed and (
+                kind in _SCALAR_KINDS or (kind is str and len(value) * 6 < min_offload)
+            ):
+                # Scalars and short strings: their text is short for sure (escaping at
+                # most sextuples a character), so it stays inline; no estimate, no route.
+                try:
+                    text = dumps(value)
+                except Exception:
+                    return False
+                if len(text) < min_offload:
+                    stats["inline_chars"] += len(text)
+                    self._done[name] = text
+                    continue
             if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
                 complete = False
                 continue

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import builtins
-import contextlib
 import importlib
 import json
 import marshal
@@ -260,24 +259,15 @@ def _enum_pass(obj: Any) -> Any:
     return obj
 
 
-@contextlib.contextmanager
-def _encoding_errors(obj: Any) -> Iterator[None]:
-    """Turn the encoder's TypeError / ValueError / RecursionError into SerializationError."""
-    try:
-        yield
-    except SerializationError:
-        raise
-    except RecursionError:
-        raise SerializationError(
-            f"cannot JSON-serialize {describe_value(obj)}: it is nested too deeply or "
-            "contains itself",
-            type_name=_type_name(type(obj)),
-        ) from None
-    except (TypeError, ValueError) as exc:
-        raise SerializationError(
-            f"cannot JSON-serialize {describe_value(obj)}: {exc}",
-            type_name=_type_name(type(obj)),
-        ) from exc
+def _encoding_error(obj: Any, exc: BaseException) -> SerializationError:
+    """The SerializationError for the encoder's TypeError / ValueError / RecursionError."""
+    if isinstance(exc, RecursionError):
+        reason = "it is nested too deeply or contains itself"
+    else:
+        reason = str(exc)
+    return SerializationError(
+        f"cannot JSON-serialize {describe_value(obj)}: {reason}", type_name=_type_name(type(obj))
+    )
 
 
 class JsonSerializer:
@@ -311,8 +301,12 @@ class JsonSerializer:
         :raises SerializationError: naming the type and a truncated repr of the value
             that cannot be encoded.
         """
-        with _encoding_errors(obj):
+        try:
             return self._encode(obj)
+        except SerializationError:
+            raise
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _encoding_error(obj, exc) from exc
 
     def iter_dumps(self, obj: Any) -> Iterator[str]:
         """Yield pieces whose concatenation equals :meth:`dumps` of *obj*.
@@ -321,8 +315,12 @@ class JsonSerializer:
         a whole call, so encoding a 100 MB value in one call would freeze the event loop.
         Each piece here costs about :attr:`chunk_chars` characters of work.
         """
-        with _encoding_errors(obj):
+        try:
             yield from self._iter_encode(obj)
+        except SerializationError:
+            raise
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise _encoding_error(obj, exc) from exc
 
     # Containers this small are walked item by item: the per-item overhead is nothing and
     # a single huge item (a 100 MB string under one key) still gets split.
