@@ -40,6 +40,7 @@ from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 import anyio
 import attrs
 
+from acall._concurrency import GroupCommit
 from acall.brokers import open_broker
 from acall.brokers.base import Broker
 from acall.calls import Call, ConcurrencyMode, PreSerializedCall, TaskSpec
@@ -47,6 +48,7 @@ from acall.codec import OffloadCodec, OffloadSettings
 from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
 from acall.errors import (
     AcallError,
+    BrokerError,
     ConfigurationError,
     DeserializationError,
     InvalidArgumentsError,
@@ -179,6 +181,14 @@ class App:
         self.store = open_store(store) if isinstance(store, str) else store
         self.codec = OffloadCodec(self.store, self.serializer, self._offload)
         self._waiter = _ResultWaiter(self.broker)
+        # Submissions made at the same moment (many tasks submitting at once) go to the
+        # broker together: one SQLite transaction or one Redis script call per batch.
+        self._submitter: GroupCommit[InvocationRecord, InvocationRecord] = GroupCommit(
+            self.broker.submit_many,
+            interrupted=lambda: BrokerError(
+                "submission interrupted: the invocation may or may not have been enqueued"
+            ),
+        )
 
     # -- registration ----------------------------------------------------------------
 
@@ -258,6 +268,13 @@ class App:
     def get_task(self, key: str) -> Task[Any, Any] | None:
         """The registered task with this key, if any."""
         return self.tasks.get(key)
+
+    async def enqueue(self, record: InvocationRecord) -> InvocationRecord:
+        """Store and enqueue one record; concurrent calls share one broker round trip.
+
+        Returns the stored record, or the existing one it was deduplicated against.
+        """
+        return await self._submitter.submit(record)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -616,7 +633,7 @@ class Task(Generic[P, R]):
         call = self.call(*args, **kwargs)
         await call.serialize()
         record = await self._record(call, _queue, _delay, _timeout)
-        stored = await self.app.broker.submit(record)
+        stored = await self.app.enqueue(record)
         return InvocationHandle(
             self.app,
             stored.invocation_id,

@@ -34,7 +34,8 @@ import anyio.abc
 import anyio.to_thread
 import attrs
 
-from acall.brokers.base import Broker, Delivery
+from acall._concurrency import GroupCommit
+from acall.brokers.base import Delivery
 from acall.calls import LazyCall
 from acall.dto import InvocationRecord, InvocationStatus
 from acall.errors import (
@@ -119,73 +120,6 @@ class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('invocation_id')} {extra.get('call_key')}] {msg}", kwargs
 
 
-class _Outcome:
-    __slots__ = ("delivery", "done", "error", "record")
-
-    def __init__(self, delivery: Delivery, record: InvocationRecord) -> None:
-        self.delivery = delivery
-        self.record = record
-        self.done = False
-        self.error: BaseException | None = None
-
-
-class _Finisher:
-    """Group commit of final outcomes: one broker round trip for many invocations.
-
-    A task with an outcome to record writes it at once if no write is in progress,
-    together with every outcome that arrived meanwhile, and keeps writing until none
-    is left; the others wait for the round that carries theirs (and take over if the
-    writer was cancelled first). No timer, so no added latency when idle, and under
-    load each round trip (one SQLite transaction, one Redis script call) carries many.
-    """
-
-    MAX_BATCH = 500
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        self._pending: list[_Outcome] = []
-        self._writing = False
-        self._round = anyio.Event()
-
-    async def finish(self, delivery: Delivery, record: InvocationRecord) -> None:
-        outcome = _Outcome(delivery, record)
-        self._pending.append(outcome)
-        while not outcome.done:
-            if self._writing:
-                await self._round.wait()
-                continue
-            self._writing = True
-            try:
-                while self._pending:
-                    batch = self._pending[: self.MAX_BATCH]
-                    del self._pending[: self.MAX_BATCH]
-                    await self._write(batch)
-            finally:
-                self._writing = False
-                ended, self._round = self._round, anyio.Event()
-                ended.set()
-        if outcome.error is not None:
-            raise outcome.error
-
-    async def _write(self, batch: list[_Outcome]) -> None:
-        error: BaseException | None = None
-        try:
-            await self.broker.finish([(o.delivery, o.record) for o in batch])
-        except BaseException as exc:
-            # A cancellation belongs to the writing task alone: the others learn that
-            # their outcome was not recorded (their entries will be delivered again).
-            error = (
-                BrokerError("recording the outcome was interrupted")
-                if isinstance(exc, anyio.get_cancelled_exc_class())
-                else exc
-            )
-            raise
-        finally:
-            for o in batch:
-                o.error = error
-                o.done = True
-
-
 class Worker:
     """Runs invocations of *app*'s tasks.
 
@@ -237,7 +171,11 @@ class Worker:
         self._slot_freed = anyio.Event()
         self._stopping = anyio.Event()
         self._started = anyio.Event()
-        self._finisher = _Finisher(app.broker)
+        # Outcomes of invocations finishing together are recorded in one broker call.
+        self._finisher: GroupCommit[tuple[Delivery, InvocationRecord], None] = GroupCommit(
+            self._finish_batch,
+            interrupted=lambda: BrokerError("recording the outcome was interrupted"),
+        )
         self._queue: collections.deque[Delivery] = collections.deque()
         self._work_ready = anyio.Event()
         self._no_more_work = False
@@ -299,6 +237,10 @@ class Worker:
                 await ready.wait()
                 if ready is self._work_ready:  # first to wake: re-arm for the next batch
                     self._work_ready = anyio.Event()
+
+    async def _finish_batch(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> list[None]:
+        await self.app.broker.finish(outcomes)
+        return [None] * len(outcomes)
 
     async def _give_back_all(self, deliveries: list[Delivery]) -> None:
         try:
@@ -461,7 +403,7 @@ class Worker:
             error=None,
             updated_at=time.time(),
         )
-        await self._finisher.finish(delivery, done)
+        await self._finisher.submit((delivery, done))
         self.stats.succeeded += 1
         if log.isEnabledFor(logging.INFO):
             log.info("succeeded in %.3f s", time.perf_counter() - started)
@@ -524,6 +466,6 @@ class Worker:
             )
             return
         failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
-        await self._finisher.finish(delivery, failed)
+        await self._finisher.submit((delivery, failed))
         self.stats.failed += 1
         log.warning("failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message)

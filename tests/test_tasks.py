@@ -196,3 +196,30 @@ async def test_waiters_survive_a_cancelled_leader(app: App) -> None:
                 waiters.start_soon(wait_for, s, 10)
         worker.stop()
     assert sorted(results) == [-1, 0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_concurrent_submitters_dedup_on_real_backends(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    """Concurrent submissions are batched into one broker call; dedup still holds in it."""
+    url = (
+        f"sqlite:///{tmp_path}/d.db"
+        if backend == "sqlite"
+        else request.getfixturevalue("redis_url")
+    )
+    application = App(url)
+
+    @application.task(concurrency=ConcurrencyMode.KEYS, key_arguments=["user"])
+    async def job(user: int, note: str) -> None: ...
+
+    handles: list[Any] = []
+
+    async def submit(i: int) -> None:
+        handles.append(await job.submit(i % 3, f"note {i}"))
+
+    async with application, anyio.create_task_group() as tg:
+        for i in range(60):
+            tg.start_soon(submit, i)
+    assert len({h.invocation_id for h in handles}) == 3
+    assert sum(not h.deduplicated for h in handles) == 3
