@@ -663,6 +663,7 @@ class OffloadCodec:
         self.stats["fetches"] += 1
         out: dict[str, str] = {}
         verify = self.settings.verify_content
+        large: list[tuple[str, bytes, _Header]] = []
         for ref, blob in zip(refs, blobs, strict=True):
             if blob is None:
                 raise BlobNotFoundError(
@@ -671,14 +672,38 @@ class OffloadCodec:
                     reference=ref,
                 )
             header = _parse_header(ref, blob, self.settings.max_blob_size)
-            if header.kind == _KIND_MANIFEST:
-                out[ref] = await self._fetch_chunked(ref, header)
-            elif header.raw_length >= THREAD_MIN_CHARS:
-                out[ref] = await anyio.to_thread.run_sync(_decode_single, ref, blob, header, verify)
+            if header.kind == _KIND_MANIFEST or header.raw_length >= THREAD_MIN_CHARS:
+                large.append((ref, blob, header))
             else:
                 out[ref] = _decode_single(ref, blob, header, verify)
+        if len(large) == 1:
+            ref, blob, header = large[0]
+            out[ref] = await self._decode_large(ref, blob, header)
+        elif large:
+            # Checksums and hashing release the GIL: several large blobs verify in
+            # parallel threads. The first error is raised as itself.
+            errors: list[Exception] = []
+
+            async def decode(ref: str, blob: bytes, header: _Header) -> None:
+                try:
+                    out[ref] = await self._decode_large(ref, blob, header)
+                except Exception as exc:
+                    errors.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                for item in large:
+                    tg.start_soon(decode, *item)
+            if errors:
+                raise errors[0]
+        for ref in refs:
             self._cache_put(ref, out[ref])
         return out
+
+    async def _decode_large(self, ref: str, blob: bytes, header: _Header) -> str:
+        if header.kind == _KIND_MANIFEST:
+            return await self._fetch_chunked(ref, header)
+        verify = self.settings.verify_content
+        return await anyio.to_thread.run_sync(_decode_single, ref, blob, header, verify)
 
     async def _fetch_chunked(self, ref: str, header: _Header) -> str:
         dec = _Decoder(ref, header)
