@@ -239,6 +239,10 @@ class _CallBase(Generic[R]):
         return hash(self.call_id)
 
 
+class _NeedsAsyncPath(Exception):
+    """Internal: the synchronous fast path hit a failure; the full path reports it."""
+
+
 class Call(_CallBase[R]):
     """A client-side call: a task and its (bound) Python arguments.
 
@@ -310,17 +314,24 @@ class Call(_CallBase[R]):
         if self._flight is None:
             # Most calls have only small inline arguments: encode them right here, with
             # no await in between (so no other task can interleave) and no flight.
-            if self._encode_inline(self._pending_names()):
+            try:
+                large = self._encode_now(self._pending_names(), None)
+            except _NeedsAsyncPath:
+                large = None
+            if large == [] and not self._staged:
                 self._serialized = {name: self._done[name] for name in self._names_in_order()}
                 return self._serialized
             self._flight = SingleFlight()
         return await self._flight.run(0, self._serialize_all)
 
-    def _encode_inline(self, names: list[str]) -> bool:
-        """Encode small arguments synchronously; False if any needs the async path.
+    def _encode_now(
+        self, names: list[str], failures: list[tuple[str, Exception]] | None
+    ) -> list[str]:
+        """Encode the small ones of *names* on the spot; return the large ones' names.
 
-        Results are kept in ``_done`` (inline text) or ``_staged`` (values to offload),
-        so the async path does not encode them again.
+        Inline text lands in ``_done``, values to offload in ``_staged`` (committed by
+        :meth:`_encode`). A failing argument is added to *failures*, or, when that is
+        ``None`` (the fast path), aborts with :class:`_NeedsAsyncPath`.
         """
         spec, codec = self.spec, self.codec
         types = spec.param_types
@@ -328,39 +339,38 @@ class Call(_CallBase[R]):
         min_offload = codec.settings.min_size_to_offload
         dumps = codec.serializer.dumps
         stats = codec.stats
-        complete = True
+        large: list[str] = []
         for name in names:
             value = self._arguments[name]
             kind = type(value)
-            if name not in typed and (
-                kind in _SCALAR_KINDS or (kind is str and len(value) * 6 < min_offload)
-            ):
-                # Scalars and short strings: their text is short for sure (escaping at
-                # most sextuples a character), so it stays inline; no estimate, no route.
-                try:
-                    text = dumps(value)
-                except Exception:
-                    return False
-                if len(text) < min_offload:
-                    stats["inline_chars"] += len(text)
-                    self._done[name] = text
-                    continue
-            if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
-                complete = False
-                continue
             try:
+                if name not in typed and (
+                    kind in _SCALAR_KINDS or (kind is str and len(value) * 6 < min_offload)
+                ):
+                    # Scalars and short strings: their text is short for sure (escaping
+                    # at most sextuples a character), so it stays inline.
+                    text = dumps(value)
+                    if len(text) < min_offload:
+                        stats["inline_chars"] += len(text)
+                        self._done[name] = text
+                        continue
+                if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
+                    large.append(name)
+                    continue
                 if types:
                     value = types.unstructure(name, value)
                 prep = codec.prepare_small(value, offload=spec.offload_allowed(codec, name))
-            except Exception:
-                return False  # the async path reports every failure together
+            except Exception as exc:
+                if failures is None:
+                    raise _NeedsAsyncPath from exc
+                failures.append((name, exc))
+                continue
             if prep.inline is None:
                 self._staged[name] = prep
-                complete = False
             else:
-                codec.stats["inline_chars"] += len(prep.inline)
+                stats["inline_chars"] += len(prep.inline)
                 self._done[name] = prep.inline
-        return complete
+        return large
 
     async def _serialize_all(self) -> dict[str, str]:
         if self._serialized is None:
@@ -395,39 +405,17 @@ class Call(_CallBase[R]):
 
     async def _encode(self, names: list[str]) -> None:
         """Encode *names* into ``self._done``: small on the loop, large in threads."""
-        spec, codec = self.spec, self.codec
-        types = spec.param_types
         failures: list[tuple[str, Exception]] = []
-        to_commit: list[tuple[str, Prepared]] = []
-        large: list[tuple[str, Any, bool]] = []
-        for name in names:
-            staged = self._staged.pop(name, None)
-            if staged is not None:
-                to_commit.append((name, staged))
-                continue
-            value = self._arguments[name]
-            offload = spec.offload_allowed(codec, name)
-            try:
-                if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
-                    large.append((name, value, offload))
-                    continue
-                if types:
-                    value = types.unstructure(name, value)
-                prep = codec.prepare_small(value, offload=offload)
-            except Exception as exc:
-                failures.append((name, exc))
-                continue
-            if prep.inline is not None:
-                codec.stats["inline_chars"] += len(prep.inline)
-                self._done[name] = prep.inline
-            else:
-                to_commit.append((name, prep))
+        large = self._encode_now(
+            [n for n in names if n not in self._done and n not in self._staged], failures
+        )
+        to_commit = [(n, self._staged.pop(n)) for n in names if n in self._staged]
         if to_commit or large:
             async with anyio.create_task_group() as tg:
                 for name, prep in to_commit:
                     tg.start_soon(self._commit, name, prep, failures)
-                for name, value, offload in large:
-                    tg.start_soon(self._encode_large, name, value, offload, failures)
+                for name in large:
+                    tg.start_soon(self._encode_large, name, failures)
         if failures:
             self._raise(failures)
 
@@ -439,13 +427,15 @@ class Call(_CallBase[R]):
         except Exception as exc:
             failures.append((name, exc))
 
-    async def _encode_large(
-        self, name: str, value: Any, offload: bool, failures: list[tuple[str, Exception]]
-    ) -> None:
-        types = self.spec.param_types
+    async def _encode_large(self, name: str, failures: list[tuple[str, Exception]]) -> None:
+        spec, codec = self.spec, self.codec
+        types = spec.param_types
         transform = (lambda v: types.unstructure(name, v)) if types else None
+        offload = spec.offload_allowed(codec, name)
         try:
-            prep = await self.codec.prepare_large(value, offload=offload, transform=transform)
+            prep = await codec.prepare_large(
+                self._arguments[name], offload=offload, transform=transform
+            )
             self._done[name] = await self.codec.commit(prep)
         except Exception as exc:
             failures.append((name, exc))
