@@ -17,15 +17,12 @@ package (``pip install 'acall[redis]'``) and is imported on first use.
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import TYPE_CHECKING, Final
 
-from acall._redis import redact_url
+from acall._backend_urls import open_backend, redis_class
 from acall.brokers.base import Broker, Delivery
 from acall.brokers.memory import MemoryBroker
 from acall.brokers.sqlite import SqliteBroker
-from acall.errors import ConfigurationError
-from acall.stores.base import store_options
 
 if TYPE_CHECKING:
     from acall.brokers.redis import RedisBroker
@@ -55,47 +52,22 @@ def open_broker(url: str, **options: object) -> Broker:
     :raises ConfigurationError: for an unknown scheme, a malformed URL, an unknown or
         invalid option, or a Redis URL when the ``redis`` package is not installed.
     """
-    if not isinstance(url, str):
-        raise ConfigurationError(
-            f"broker URL must be a str, got {type(url).__name__}; accepted forms: {_ACCEPTED}"
-        )
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigurationError(
-            f"malformed broker URL {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
-        )
-    if scheme == "memory":
-        return _open_memory(url, rest, options)
-    if scheme == "sqlite":
-        return SqliteBroker.from_url(url, **options)
-    if scheme in ("redis", "rediss"):
-        return _redis_broker_class().from_url(url, **options)
-    raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
+    broker: Broker = open_backend(
+        url,
+        options,
+        what="broker",
+        accepted=_ACCEPTED,
+        memory=MemoryBroker,
+        memory_options={"record_ttl": float},
+        sqlite=SqliteBroker.from_url,
+        redis=_redis_broker_class,
     )
-
-
-def _open_memory(url: str, rest: str, options: dict[str, object]) -> MemoryBroker:
-    name, _, query = rest.partition("?")
-    if "/" in name or "#" in name:
-        raise ConfigurationError(
-            f"malformed memory broker URL {url!r}: expected memory:// or memory://name"
-        )
-    merged = store_options(url, query, options, {"record_ttl": float})
-    return MemoryBroker(urllib.parse.unquote(name) or None, **merged)  # type: ignore[arg-type]
+    return broker
 
 
 def _redis_broker_class() -> type[RedisBroker]:
-    try:
-        from acall.brokers.redis import RedisBroker
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.partition(".")[0] != "redis":
-            raise
-        raise ConfigurationError(
-            "Redis brokers need the redis package (redis-py >= 5), which is not installed; "
-            "install it with: pip install 'acall[redis]'"
-        ) from exc
-    return RedisBroker
+    cls: type[RedisBroker] = redis_class("acall.brokers.redis", "RedisBroker", "broker")
+    return cls
 
 
 def __getattr__(name: str) -> object:

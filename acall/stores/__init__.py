@@ -15,12 +15,11 @@ package (``pip install 'acall[redis]'``) and is imported on first use.
 
 from __future__ import annotations
 
-import urllib.parse
 from typing import TYPE_CHECKING, Final
 
-from acall._redis import redact_url
+from acall._backend_urls import open_backend, redis_class
 from acall.errors import ConfigurationError
-from acall.stores.base import KEY_PATTERN, Store, store_options, validate_key
+from acall.stores.base import KEY_PATTERN, Store, validate_key
 from acall.stores.memory import MemoryStore
 from acall.stores.sqlite import SqliteStore
 
@@ -53,47 +52,22 @@ def open_store(url: str, **options: object) -> Store:
     :raises ConfigurationError: for an unknown scheme, a malformed URL, an unknown or
         invalid option, or a Redis URL when the ``redis`` package is not installed.
     """
-    if not isinstance(url, str):
-        raise ConfigurationError(
-            f"store URL must be a str, got {type(url).__name__}; accepted forms: {_ACCEPTED}"
-        )
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        raise ConfigurationError(
-            f"malformed store URL {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
-        )
-    if scheme == "memory":
-        return _open_memory(url, rest, options)
-    if scheme == "sqlite":
-        return SqliteStore.from_url(url, **options)
-    if scheme in ("redis", "rediss"):
-        return _redis_store_class().from_url(url, **options)
-    raise ConfigurationError(
-        f"unknown store URL scheme {scheme!r} in {redact_url(url)!r}; accepted forms: {_ACCEPTED}"
+    store: Store = open_backend(
+        url,
+        options,
+        what="store",
+        accepted=_ACCEPTED,
+        memory=MemoryStore,
+        memory_options={"ttl": float, "max_value_size": int},
+        sqlite=SqliteStore.from_url,
+        redis=_redis_store_class,
     )
-
-
-def _open_memory(url: str, rest: str, options: dict[str, object]) -> MemoryStore:
-    name, _, query = rest.partition("?")
-    if "/" in name or "#" in name:
-        raise ConfigurationError(
-            f"malformed memory store URL {url!r}: expected memory:// or memory://name"
-        )
-    merged = store_options(url, query, options, {"ttl": float, "max_value_size": int})
-    return MemoryStore(urllib.parse.unquote(name) or None, **merged)  # type: ignore[arg-type]
+    return store
 
 
 def _redis_store_class() -> type[RedisStore]:
-    try:
-        from acall.stores.redis import RedisStore
-    except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.partition(".")[0] != "redis":
-            raise
-        raise ConfigurationError(
-            "Redis stores need the redis package (redis-py >= 5), which is not installed; "
-            "install it with: pip install 'acall[redis]'"
-        ) from exc
-    return RedisStore
+    cls: type[RedisStore] = redis_class("acall.stores.redis", "RedisStore", "store")
+    return cls
 
 
 def __getattr__(name: str) -> object:
