@@ -49,6 +49,8 @@ R = TypeVar("R")
 
 # Exact types whose JSON text is always short (a float or an int of < 1000 digits).
 _SCALAR_KINDS: frozenset[type] = frozenset({int, float, bool, type(None)})
+# Lists / tuples of scalars up to this length skip the size estimate.
+_FEW_ITEMS = 64
 
 # Inline texts shorter than this are decoded on the loop in LazyCall's fast path.
 _INLINE_FAST = 4096
@@ -345,31 +347,36 @@ class Call(_CallBase[R]):
             kind = type(value)
             try:
                 if name not in typed and (
-                    kind in _SCALAR_KINDS or (kind is str and len(value) * 6 < min_offload)
+                    kind in _SCALAR_KINDS
+                    or (kind is str and len(value) * 6 < min_offload)
+                    or (
+                        (kind is list or kind is tuple)
+                        and len(value) <= _FEW_ITEMS
+                        and set(map(type, value)) <= _SCALAR_KINDS
+                    )
                 ):
-                    # Scalars and short strings: their text is short for sure (escaping
-                    # at most sextuples a character), so it stays inline.
+                    # Scalars, short strings, short lists of scalars: their text is short
+                    # for sure (escaping at most sextuples a character): no estimate.
                     text = dumps(value)
-                    if len(text) < min_offload:
-                        stats["inline_chars"] += len(text)
-                        self._done[name] = text
+                else:
+                    if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
+                        large.append(name)
                         continue
-                if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
-                    large.append(name)
-                    continue
-                if types:
-                    value = types.unstructure(name, value)
-                prep = codec.prepare_small(value, offload=spec.offload_allowed(codec, name))
+                    if types:
+                        value = types.unstructure(name, value)
+                    text = dumps(value)
+                if len(text) >= min_offload:
+                    prep = codec.route_text(text, offload=spec.offload_allowed(codec, name))
+                    if prep.inline is None:
+                        self._staged[name] = prep
+                        continue
             except Exception as exc:
                 if failures is None:
                     raise _NeedsAsyncPath from exc
                 failures.append((name, exc))
                 continue
-            if prep.inline is None:
-                self._staged[name] = prep
-            else:
-                stats["inline_chars"] += len(prep.inline)
-                self._done[name] = prep.inline
+            stats["inline_chars"] += len(text)
+            self._done[name] = text
         return large
 
     async def _serialize_all(self) -> dict[str, str]:

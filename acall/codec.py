@@ -491,6 +491,10 @@ class OffloadCodec:
         """Encode a small value on the calling thread (hashing it if it is offloaded)."""
         return self._route_text(self.serializer.dumps(value), offload, in_thread=False)
 
+    def route_text(self, text: str, *, offload: bool = True) -> Prepared:
+        """Route already-serialized small text on the calling thread: inline or hashed."""
+        return self._route_text(text, offload, in_thread=False)
+
     async def prepare_large(
         self,
         value: Any,

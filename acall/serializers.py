@@ -126,6 +126,37 @@ def _type_name(cls: type) -> str:
 # --------------------------------------------------------------------------- encoding
 
 
+def _reusable_c_encoder(encoder: json.JSONEncoder) -> Callable[[Any, int], Any] | None:
+    """The C encoder JSONEncoder.encode builds on every call, built once.
+
+    Built without a markers dict (no circular-reference bookkeeping), so it keeps no
+    state between calls and threads may share it; a cycle then ends in RecursionError,
+    which dumps reports as a SerializationError like any other. ``None`` where the C
+    accelerator is missing or does not write what JSONEncoder writes.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return None
+    try:
+        c_encode: Callable[[Any, int], Any] = make(
+            None,
+            encoder.default,
+            encode_basestring_ascii,
+            None,
+            encoder.key_separator,
+            encoder.item_separator,
+            False,
+            False,
+            True,
+        )
+        probe = {"a": [1, 2.5, None, True, "é"], "b": (float("nan"),), 3: {}}
+        if "".join(c_encode(probe, 0)) != encoder.encode(probe):
+            return None
+    except Exception:
+        return None
+    return c_encode
+
+
 def _float_text(value: float) -> str:
     """A float as json.dumps writes it (allow_nan: NaN and Infinity, as pynenc does)."""
     if value != value:
@@ -289,6 +320,7 @@ class JsonSerializer:
     def __init__(self, *, importable_modules: Collection[str] = ()) -> None:
         self._importable = tuple(importable_modules)
         self._encoder = json.JSONEncoder(default=_default)
+        self._c_encode = _reusable_c_encoder(self._encoder)
 
     def __repr__(self) -> str:
         return f"JsonSerializer(importable_modules={self._importable!r})"
@@ -343,6 +375,8 @@ class JsonSerializer:
             return _float_text(obj)
         if not _is_plain(obj) and _needs_enum_pass(obj):
             obj = _enum_pass(obj)
+        if self._c_encode is not None:
+            return "".join(self._c_encode(obj, 0))
         return str(self._encoder.encode(obj))
 
     def _iter_encode(self, obj: Any) -> Iterator[str]:
