@@ -145,8 +145,17 @@ async def _submit_and_wait(args: argparse.Namespace) -> None:
     handles: list[tuple[str, InvocationHandle[Any], Any]] = []
     n_small = args.small
 
-    for i in range(n_small):
-        handles.append(("small", await add.submit(i, i), 2 * i))
+    # Many clients at once, as a service would submit: concurrent submissions share
+    # broker round trips (one SQLite transaction or Redis script call per batch).
+    small: list[InvocationHandle[Any] | None] = [None] * n_small
+
+    async def submit_small(i: int) -> None:
+        small[i] = await add.submit(i, i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n_small):
+            tg.start_soon(submit_small, i)
+    handles.extend(("small", h, 2 * i) for i, h in enumerate(small) if h is not None)
     big = [[float(i * j % 997) for i in range(200_000)] for j in range(4)]
     for j, samples in enumerate(big):
         expected = f"big{j}:{hashlib.sha256(repr(samples).encode()).hexdigest()[:16]}"
