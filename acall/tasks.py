@@ -350,6 +350,11 @@ class _ResultWaiter:
 
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
+        # Handles awaited together (gather over many) look their records up together.
+        self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(
+            broker.get_many,
+            interrupted=lambda: BrokerError("looking up the invocation was interrupted"),
+        )
         self._waiters: dict[str, list[_Waiter]] = {}
         self._leader: _Waiter | None = None
         self._stream: AsyncGenerator[set[str], None] | None = None
@@ -360,7 +365,7 @@ class _ResultWaiter:
         self._waiters.setdefault(invocation_id, []).append(me)
         try:
             # Registered first, then looked up: a finish in between is not missed.
-            record = await self.broker.get(invocation_id)
+            record = await self._lookup.submit(invocation_id)
             if record is None:
                 raise TaskError(f"unknown invocation {invocation_id!r}")
             if record.status.is_final:
