@@ -7,7 +7,7 @@ from typing import Any, Generic, TypeVar
 
 import anyio
 
-__all__ = ["Flight", "GroupCommit", "SingleFlight"]
+__all__ = ["Flight", "GroupCommit", "SingleFlight", "Wakeup"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -107,24 +107,56 @@ class SingleFlight(Generic[K, T]):
         return value
 
 
+class Wakeup:
+    """A reusable wake-up call for one task; the event exists only while it sleeps.
+
+    Creating an anyio Event costs a backend lookup; thousands of handles or writers
+    that mostly never sleep should not pay it.
+    """
+
+    __slots__ = ("_event", "_pending")
+
+    def __init__(self) -> None:
+        self._event: anyio.Event | None = None
+        self._pending = False
+
+    def set(self) -> None:
+        """Wake the sleeper (or make its next :meth:`sleep` return at once)."""
+        self._pending = True
+        if self._event is not None:
+            self._event.set()
+
+    async def sleep(self) -> None:
+        """Wait for :meth:`set` (consuming it)."""
+        if not self._pending:
+            self._event = anyio.Event()
+            try:
+                await self._event.wait()
+            finally:
+                self._event = None
+        self._pending = False
+
+
 class _Pending(Generic[T, R]):
-    __slots__ = ("done", "error", "item", "result")
+    __slots__ = ("done", "error", "item", "result", "wake")
 
     def __init__(self, item: T) -> None:
         self.item = item
         self.result: R | None = None
         self.error: BaseException | None = None
         self.done = False
+        self.wake = Wakeup()
 
 
 class GroupCommit(Generic[T, R]):
     """Turns concurrent single writes into batched ones (group commit).
 
     A caller with an item writes it at once if no write is in progress, together with
-    every item that arrived meanwhile, and keeps writing until none is left; the others
-    wait for the round that carries theirs (and take over if the writer was cancelled).
-    No timer: no added latency when idle, and under load one round trip (one SQLite
-    transaction, one Redis script call) carries many items.
+    every item that arrived meanwhile, and keeps writing until none is left; each of the
+    others sleeps until the batch carrying its item is written (or, if the writer was
+    cancelled first, until it is its turn to write). No timer: no added latency when
+    idle, and under load one round trip (one SQLite transaction, one Redis call) carries
+    many items.
 
     :param write: writes a batch and returns one result per item, in order.
     :param interrupted: builds the error given to the other callers of a batch whose
@@ -143,7 +175,6 @@ class GroupCommit(Generic[T, R]):
         self._max_batch = max_batch
         self._pending: list[_Pending[T, R]] = []
         self._writing = False
-        self._round = anyio.Event()
 
     async def submit(self, item: T) -> R:
         """Write *item* (in some batch) and return its result."""
@@ -151,7 +182,7 @@ class GroupCommit(Generic[T, R]):
         self._pending.append(entry)
         while not entry.done:
             if self._writing:
-                await self._round.wait()
+                await entry.wake.sleep()
                 continue
             self._writing = True
             try:
@@ -161,8 +192,8 @@ class GroupCommit(Generic[T, R]):
                     await self._write_batch(batch)
             finally:
                 self._writing = False
-                ended, self._round = self._round, anyio.Event()
-                ended.set()
+                if self._pending:  # cancelled with items left: the next one writes
+                    self._pending[0].wake.set()
         if entry.error is not None:
             raise entry.error
         result: R = entry.result  # type: ignore[assignment]
@@ -176,7 +207,9 @@ class GroupCommit(Generic[T, R]):
         except BaseException as exc:
             # A cancellation belongs to the writing task alone: the others get an error
             # of their own saying their write was interrupted.
-            error = self._interrupted() if isinstance(exc, anyio.get_cancelled_exc_class()) else exc
+            error = (
+                self._interrupted() if isinstance(exc, anyio.get_cancelled_exc_class()) else exc
+            )
             raise
         finally:
             for i, entry in enumerate(batch):
@@ -184,3 +217,4 @@ class GroupCommit(Generic[T, R]):
                 if error is None:
                     entry.result = results[i]
                 entry.done = True
+                entry.wake.set()

@@ -18,6 +18,7 @@ parameters; a task function may not use those names.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -40,7 +41,7 @@ from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 import anyio
 import attrs
 
-from acall._concurrency import GroupCommit
+from acall._concurrency import GroupCommit, Wakeup
 from acall.brokers import open_broker
 from acall.brokers.base import Broker
 from acall.calls import Call, ConcurrencyMode, PreSerializedCall, TaskSpec
@@ -325,14 +326,19 @@ def _default_store_url(broker: Broker | str) -> str:
 
 
 class _Waiter:
-    __slots__ = ("record", "wake")
+    __slots__ = ("expired", "record", "wake")
 
     def __init__(self) -> None:
-        self.wake = anyio.Event()
+        self.wake = Wakeup()
         self.record: InvocationRecord | None = None
+        self.expired = False
 
     def finished(self) -> bool:
         return self.record is not None
+
+    def expire(self) -> None:
+        self.expired = True
+        self.wake.set()
 
 
 class _ResultWaiter:
@@ -371,15 +377,21 @@ class _ResultWaiter:
             if record.status.is_final:
                 return record
             if timeout is None:
-                return await self._follow(me)
+                return await self._follow(me, None)
+            # A plain loop timer wakes a waiting handle at its deadline: a cancel scope
+            # per handle costs far more when thousands are awaited together. Only the
+            # leader, which blocks inside the broker's stream, needs a cancel scope.
+            deadline = anyio.current_time() + timeout
+            timer = asyncio.get_running_loop().call_later(timeout, me.expire)
             try:
-                with anyio.fail_after(timeout):
-                    return await self._follow(me)
+                return await self._follow(me, deadline)
             except TimeoutError:
                 raise ResultTimeoutError(
                     f"invocation {invocation_id} did not finish within {timeout} s "
                     "(it keeps running; call result() again to keep waiting)"
                 ) from None
+            finally:
+                timer.cancel()
         finally:
             waiters = self._waiters[invocation_id]
             waiters.remove(me)
@@ -390,18 +402,25 @@ class _ResultWaiter:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
 
-    async def _follow(self, me: _Waiter) -> InvocationRecord:
+    async def _follow(self, me: _Waiter, deadline: float | None) -> InvocationRecord:
         while me.record is None:
+            if me.expired:
+                raise TimeoutError
             if self._leader is None:
                 self._leader = me
                 try:
-                    await self._lead(me)
+                    if deadline is None:
+                        await self._lead(me)
+                    else:
+                        with anyio.move_on_after(deadline - anyio.current_time()):
+                            await self._lead(me)
                 finally:
                     self._leader = None
                     self._hand_over(me)
+                if me.record is None:
+                    raise TimeoutError
             else:
-                await me.wake.wait()
-                me.wake = anyio.Event()
+                await me.wake.sleep()
         return me.record
 
     def _hand_over(self, leaving: _Waiter) -> None:
