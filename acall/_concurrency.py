@@ -207,9 +207,7 @@ class GroupCommit(Generic[T, R]):
         except BaseException as exc:
             # A cancellation belongs to the writing task alone: the others get an error
             # of their own saying their write was interrupted.
-            error = (
-                self._interrupted() if isinstance(exc, anyio.get_cancelled_exc_class()) else exc
-            )
+            error = self._interrupted() if isinstance(exc, anyio.get_cancelled_exc_class()) else exc
             raise
         finally:
             for i, entry in enumerate(batch):
