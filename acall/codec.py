@@ -37,7 +37,7 @@ import logging
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, Literal
 
 import anyio
@@ -560,15 +560,6 @@ class OffloadCodec:
             stored=stored,
         )
 
-    async def prepare_text(self, text: str, *, name: str | None = None) -> Prepared:
-        """Route already-serialized text (hashing large text off the loop)."""
-        offload = self.settings.offload_allowed(name)
-        if len(text) < THREAD_MIN_CHARS:
-            return self._route_text(text, offload, in_thread=False)
-        return await anyio.to_thread.run_sync(
-            lambda: self._route_text(text, offload, in_thread=True)
-        )
-
     async def commit(self, prep: Prepared) -> str:
         """Store a prepared reference (once per process) and return the serialized value."""
         if prep.inline is not None:
@@ -609,13 +600,6 @@ class OffloadCodec:
         self._known[ref] = None
         if len(self._known) > self._KNOWN_MAX:
             self._known.popitem(last=False)
-
-    def forget(self, ref: str) -> None:
-        """Drop *ref* from the known-stored set (after deleting it from the store)."""
-        self._known.pop(ref, None)
-        text = self._cache.pop(ref, None)
-        if text is not None:
-            self._cache_bytes -= len(text)
 
     # -- decoding --------------------------------------------------------------------
 
@@ -762,17 +746,6 @@ class OffloadCodec:
         if serialized.startswith(REFERENCE_PREFIX):
             serialized = (await self.fetch_texts([serialized]))[serialized]
         return await self.loads(serialized)
-
-    async def resolve_texts(self, serialized: Mapping[str, str]) -> dict[str, str]:
-        """Replace every reference in a name -> serialized mapping by its text (one batch)."""
-        refs = [v for v in serialized.values() if v.startswith(REFERENCE_PREFIX)]
-        if not refs:
-            return dict(serialized)
-        texts = await self.fetch_texts(refs)
-        return {
-            k: texts.get(v, v) if v.startswith(REFERENCE_PREFIX) else v
-            for k, v in serialized.items()
-        }
 
 
 def _checked(pieces: Iterable[str]) -> Iterator[str]:
