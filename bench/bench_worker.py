@@ -384,22 +384,29 @@ def _memory(plan: Plan, runner: asyncio.Runner) -> Iterator[Figure]:
     yield from _acall_figures("memory", sides, n)
 
 
+def _acall_on_worker(
+    plan: Plan, runner: asyncio.Runner, backend: str, url: str, worker: Service
+) -> Iterator[Figure]:
+    """acall's own figures (bulk and concurrent submitters) against a worker process."""
+    n = plan.n[backend]
+    sides = [
+        _Side(BULK, _acall_round(BULK), (worker,)),
+        _Side(SUBMITTERS_PATTERN, _acall_round(SUBMITTERS_PATTERN), (worker,)),
+    ]
+
+    async def main() -> None:
+        async with _opened(url):
+            await _interleaved(sides, n, plan.rounds, (worker,))
+
+    runner.run(main())
+    yield from _acall_figures(backend, sides, n)
+
+
 def _sqlite(plan: Plan, runner: asyncio.Runner, tmpdir: Path) -> Iterator[Figure]:
     """acall on SQLite (figure 1), then acall vs pynenc on SQLite (figure 3)."""
     url = f"sqlite:///{tmpdir}/acall.db"
-    n = plan.n["SQLite"]
     with _acall_worker(url, tmpdir) as worker:
-        sides = [
-            _Side(BULK, _acall_round(BULK), (worker,)),
-            _Side(SUBMITTERS_PATTERN, _acall_round(SUBMITTERS_PATTERN), (worker,)),
-        ]
-
-        async def main() -> None:
-            async with _opened(url):
-                await _interleaved(sides, n, plan.rounds, (worker,))
-
-        runner.run(main())
-        yield from _acall_figures("SQLite", sides, n)
+        yield from _acall_on_worker(plan, runner, "SQLite", url, worker)
         yield from _versus_pynenc(plan, runner, tmpdir, url, worker)
 
 
@@ -471,19 +478,8 @@ def _redis(plan: Plan, runner: asyncio.Runner, tmpdir: Path) -> Iterator[Figure]
         raise BenchError("redis-server not found on PATH; install Redis to run this group")
     with RedisServer() as server:
         url = server.url_for(1)
-        n = plan.n["Redis"]
         with _acall_worker(url, tmpdir) as worker:
-            sides = [
-                _Side(BULK, _acall_round(BULK), (worker,)),
-                _Side(SUBMITTERS_PATTERN, _acall_round(SUBMITTERS_PATTERN), (worker,)),
-            ]
-
-            async def main() -> None:
-                async with _opened(url):
-                    await _interleaved(sides, n, plan.rounds, (worker,))
-
-            runner.run(main())
-            yield from _acall_figures("Redis", sides, n)
+            yield from _acall_on_worker(plan, runner, "Redis", url, worker)
             yield from _versus_saq_arq(plan, runner, tmpdir, server, url, worker)
 
 
