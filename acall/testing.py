@@ -375,6 +375,40 @@ class StoreConformance:
     :func:`acall.stores.open_store` and closes them.
     """
 
+    async def test_touch_many_reports_existence(self, store_url: str) -> None:
+        """touch_many answers, per key in order, whether it holds a value."""
+        async with open_store(store_url) as store:
+            await store.put_many({"t1": b"one", "t2": b"two"})
+            assert await store.touch_many(["t2", "missing", "t1", "t2"]) == [
+                True,
+                False,
+                True,
+                True,
+            ]
+            assert await store.touch_many([]) == []
+            assert await store.get("t1") == b"one"  # touching changes no value
+
+    async def test_delete_idle_spares_recently_written_or_touched_keys(
+        self, store_url: str
+    ) -> None:
+        """delete_idle removes only keys unused for the idle time, and says which."""
+        async with open_store(store_url) as store:
+            await store.put_many({"idle-old": b"one", "idle-touched": b"two"})
+            await anyio.sleep(2.5)  # Redis' LRU clock counts whole seconds
+            await store.put("idle-fresh", b"three")
+            assert await store.touch_many(["idle-touched"]) == [True]
+            keys = ["idle-old", "idle-fresh", "idle-touched", "idle-missing", "idle-old"]
+            assert await store.delete_idle(keys, idle=1.0) == ["idle-old"]
+            assert await store.get_many(["idle-old", "idle-fresh", "idle-touched"]) == [
+                None,
+                b"three",
+                b"two",
+            ]
+            assert await store.delete_idle(["idle-fresh"], idle=3600) == []
+            with _raises(ConfigurationError) as caught:
+                await store.delete_idle(["idle-fresh"], idle=0)
+            assert "idle" in str(caught.value)
+
     async def test_put_get_round_trip(self, store_url: str) -> None:
         """A value put is the value got back, byte for byte."""
         async with open_store(store_url) as store:

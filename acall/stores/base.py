@@ -190,6 +190,36 @@ class Store(abc.ABC):
             return 0
         return await self._delete(checked)
 
+    async def touch_many(self, keys: Sequence[str]) -> list[bool]:
+        """Mark *keys* as just used and return, for each in order, whether it exists.
+
+        A key's *idle time* counts from its last write or touch (Redis also counts
+        reads). A writer that reuses a stored value instead of writing it again touches
+        it, so :meth:`delete_idle` (the blob collector) cannot remove it in between.
+        """
+        checked = [validate_key(key) for key in _as_key_list(keys)]
+        self._check_open()
+        if not checked:
+            return []
+        return await self._touch_many(checked)
+
+    async def delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        """Delete those of *keys* idle for at least *idle* seconds; return the deleted ones.
+
+        The check and the delete are atomic per key: a key written or touched
+        concurrently is either kept or deleted before that write (which then stands).
+        Missing keys are skipped.
+
+        :raises ConfigurationError: if *idle* is not a finite positive number.
+        """
+        checked = list(dict.fromkeys(validate_key(key) for key in _as_key_list(keys)))
+        seconds = validate_ttl(idle, what="idle")
+        assert seconds is not None
+        self._check_open()
+        if not checked:
+            return []
+        return await self._delete_idle(checked, seconds)
+
     async def scan(self, prefix: str = "") -> AsyncIterator[str]:
         """Yield every key starting with *prefix* (each once, in no particular order).
 
@@ -250,6 +280,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def _delete(self, keys: Sequence[str]) -> int:
         """Delete a non-empty list of distinct keys; return how many held a value."""
+
+    @abc.abstractmethod
+    async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
+        """Reset the idle time of a non-empty key list; return existence, in order."""
+
+    @abc.abstractmethod
+    async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        """Delete the distinct *keys* idle for at least *idle* seconds; return them."""
 
     @abc.abstractmethod
     def _scan(self, prefix: str) -> AsyncIterator[str]:

@@ -8,6 +8,7 @@ store objects, like a named in-process database).
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -31,6 +32,8 @@ class _MemoryData:
         # loops in several threads, and no critical section ever awaits.
         self.lock = threading.Lock()
         self.entries: dict[str, tuple[bytes, float | None]] = {}
+        # Key -> monotonic time of its last write or touch (for delete_idle).
+        self.used: dict[str, float] = {}
         # Min-heap of (expires_at, key); entries go stale when a key is overwritten or
         # deleted, and are skipped when popped.
         self.expiries: list[tuple[float, str]] = []
@@ -43,11 +46,13 @@ class _MemoryData:
             entry = self.entries.get(key)
             if entry is not None and entry[1] == expires_at:
                 del self.entries[key]
+                self.used.pop(key, None)
 
     def set(self, key: str, data: bytes, ttl: float | None, now: float) -> None:
         """Store one entry (lock held)."""
         expires_at = None if ttl is None else now + ttl
         self.entries[key] = (data, expires_at)
+        self.used[key] = now
         if expires_at is not None:
             heapq.heappush(self.expiries, (expires_at, key))
 
@@ -137,7 +142,38 @@ class MemoryStore(Store):
         with self._data.lock:
             self._data.purge(time.monotonic())
             entries = self._data.entries
+            for key in keys:
+                self._data.used.pop(key, None)
             return sum(entries.pop(key, None) is not None for key in keys)
+
+    async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
+        await checkpoint()
+        now = time.monotonic()
+        with self._data.lock:
+            self._data.purge(now)
+            found = []
+            for key in keys:
+                present = key in self._data.entries
+                if present:
+                    self._data.used[key] = now
+                found.append(present)
+            return found
+
+    async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        await checkpoint()
+        now = time.monotonic()
+        with self._data.lock:
+            self._data.purge(now)
+            data = self._data
+            gone = [
+                key
+                for key in keys
+                if key in data.entries and now - data.used.get(key, -math.inf) >= idle
+            ]
+            for key in gone:
+                del data.entries[key]
+                data.used.pop(key, None)
+            return gone
 
     async def _scan(self, prefix: str) -> AsyncIterator[str]:
         await checkpoint()
@@ -153,4 +189,5 @@ class MemoryStore(Store):
         if self.name is None:
             with self._data.lock:
                 self._data.entries.clear()
+                self._data.used.clear()
                 self._data.expiries.clear()

@@ -41,6 +41,26 @@ _URL_FORMS: Final = (
 )
 _GLOB_SPECIAL: Final = re.compile(r"([\\*?\[\]])")
 _SCAN_COUNT: Final = 1000
+_IDLE_BATCH: Final = 500
+
+# KEYS: candidate keys; ARGV[1]: idle seconds. Deletes the keys whose idle time (since
+# the last write, read or TOUCH, per the server's LRU clock) is at least ARGV[1] and
+# returns their indexes (1-based). Keys whose idle time cannot be trusted are kept,
+# never guessed about: OBJECT IDLETIME fails under an LFU eviction policy, and small
+# integer values ("12") are shared objects whose idle time never resets.
+_DELETE_IDLE: Final = """
+local gone = {}
+local idle = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local ok, seconds = pcall(redis.call, 'OBJECT', 'IDLETIME', key)
+  if ok and seconds and seconds >= idle
+      and redis.call('OBJECT', 'ENCODING', key) ~= 'int' then
+    redis.call('UNLINK', key)
+    gone[#gone + 1] = i
+  end
+end
+return gone
+"""
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -138,6 +158,7 @@ class RedisStore(Store):
             unavailable=StoreUnavailableError,
         )
         self._client: Redis = self._redis.client
+        self._delete_idle_script = self._client.register_script(_DELETE_IDLE)
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> RedisStore:
@@ -218,6 +239,32 @@ class RedisStore(Store):
         # UNLINK frees large values in a background thread instead of blocking the server.
         count = await self._call(f"delete {len(keys)} keys", lambda: self._client.unlink(*names))
         return int(count)
+
+    async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
+        async def operation() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.touch(self._k(key))
+                return await pipe.execute()
+
+        counts = await self._call(f"touch {len(keys)} keys", operation)
+        return [bool(count) for count in counts]
+
+    async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        # The LRU clock counts whole seconds and a key's idle time may read up to one
+        # second more than has passed: round up and add one so nothing goes early.
+        seconds = str(math.ceil(idle) + 1)
+        gone: list[str] = []
+        for start in range(0, len(keys), _IDLE_BATCH):
+            batch = keys[start : start + _IDLE_BATCH]
+            names = [self._k(key) for key in batch]
+
+            async def operation(names: list[bytes] = names) -> list[Any]:
+                return list(await self._delete_idle_script(keys=names, args=[seconds]))
+
+            indexes = await self._call(f"delete idle among {len(batch)} keys", operation)
+            gone.extend(batch[int(index) - 1] for index in indexes)
+        return gone
 
     async def _scan(self, prefix: str) -> AsyncIterator[str]:
         pattern = _glob_escape(self.prefix + prefix).encode("ascii") + b"*"

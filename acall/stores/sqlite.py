@@ -4,9 +4,10 @@ The file is opened in WAL mode (readers never block the writer), with
 ``synchronous=NORMAL`` (durable across process crashes; a power loss may drop the last
 commits, which an offload cache tolerates). Values live in one table::
 
-    acall_blobs(key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL)
+    acall_blobs(key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL, used_at REAL)
 
-``expires_at`` is wall-clock Unix time, because processes sharing the file share no
+``expires_at`` and ``used_at`` (last write or touch, for :meth:`SqliteStore.delete_idle`)
+are wall-clock Unix time, because processes sharing the file share no
 monotonic clock. Every SQLite call runs in a worker thread, never on the event loop.
 """
 
@@ -28,15 +29,29 @@ _T = TypeVar("_T")
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS acall_blobs ("
-    "key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL)",
+    "key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL, used_at REAL)",
     "CREATE INDEX IF NOT EXISTS acall_blobs_expires_at ON acall_blobs (expires_at) "
     "WHERE expires_at IS NOT NULL",
 )
 _LIVE: Final = "(expires_at IS NULL OR expires_at > ?)"
-_INSERT: Final = "INSERT OR REPLACE INTO acall_blobs (key, value, expires_at) VALUES (?, ?, ?)"
+_INSERT: Final = (
+    "INSERT OR REPLACE INTO acall_blobs (key, value, expires_at, used_at) VALUES (?, ?, ?, ?)"
+)
 _SCAN_PAGE: Final = 1000
 _PURGE_INTERVAL: Final = 60.0
 _PURGE_BATCH: Final = 1000
+
+
+def _add_used_at(conn: sqlite3.Connection) -> None:
+    # Files written before used_at existed get the column; their rows count as idle
+    # since forever (NULL), which only matters to delete_idle.
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(acall_blobs)")}
+    if "used_at" not in columns:
+        try:
+            conn.execute("ALTER TABLE acall_blobs ADD COLUMN used_at REAL")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):  # another process added it first
+                raise
 
 
 def _placeholders(count: int) -> str:
@@ -84,6 +99,7 @@ class SqliteStore(Store):
             unavailable=StoreUnavailableError,
         )
         self._next_purge = 0.0
+        self._upgraded = False
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> SqliteStore:
@@ -105,6 +121,9 @@ class SqliteStore(Store):
 
     async def _run(self, op: Callable[[sqlite3.Connection], _T], what: str) -> _T:
         """Run *op* in a worker thread, retrying while the database is locked."""
+        if not self._upgraded:
+            await self._db.run(_add_used_at, "upgrade the blob table")
+            self._upgraded = True
         return await self._db.run(op, what)
 
     def _maybe_purge(self, conn: sqlite3.Connection, now: float) -> None:
@@ -126,7 +145,7 @@ class SqliteStore(Store):
             now = time.time()
             expires_at = None if ttl is None else now + ttl
             # One autocommit statement: readers see the old row or the new one, never half.
-            conn.execute(_INSERT, (key, data, expires_at))
+            conn.execute(_INSERT, (key, data, expires_at, now))
             self._maybe_purge(conn, now)
 
         await self._run(op, f"put {key!r}")
@@ -138,7 +157,7 @@ class SqliteStore(Store):
             conn.execute("BEGIN IMMEDIATE")
             now = time.time()
             expires_at = None if ttl is None else now + ttl
-            conn.executemany(_INSERT, [(key, data, expires_at) for key, data in items.items()])
+            conn.executemany(_INSERT, [(key, data, expires_at, now) for key, data in items.items()])
             self._maybe_purge(conn, now)
             conn.execute("COMMIT")
 
@@ -214,6 +233,53 @@ class SqliteStore(Store):
             return deleted
 
         return await self._run(op, f"delete {len(keys)} keys")
+
+    async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
+        unique = list(dict.fromkeys(keys))
+
+        def op(conn: sqlite3.Connection) -> set[str]:
+            conn.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            present: set[str] = set()
+            for chunk in chunks(unique):
+                marks = _placeholders(len(chunk))
+                # No RETURNING: it needs SQLite 3.35, newer than some systems ship.
+                conn.execute(
+                    f"UPDATE acall_blobs SET used_at = ? WHERE key IN ({marks}) AND {_LIVE}",
+                    (now, *chunk, now),
+                )
+                rows = conn.execute(
+                    f"SELECT key FROM acall_blobs WHERE key IN ({marks}) AND {_LIVE}",
+                    (*chunk, now),
+                )
+                present.update(key for (key,) in rows)
+            conn.execute("COMMIT")
+            return present
+
+        present = await self._run(op, f"touch {len(unique)} keys")
+        return [key in present for key in keys]
+
+    async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        def op(conn: sqlite3.Connection) -> list[str]:
+            conn.execute("BEGIN IMMEDIATE")
+            cutoff = time.time() - idle
+            gone: list[str] = []
+            for chunk in chunks(keys):
+                marks = _placeholders(len(chunk))
+                idle_rows = f"key IN ({marks}) AND (used_at IS NULL OR used_at <= ?)"
+                # Inside one write transaction, so no touch lands between the two.
+                found = [
+                    key
+                    for (key,) in conn.execute(
+                        f"SELECT key FROM acall_blobs WHERE {idle_rows}", (*chunk, cutoff)
+                    )
+                ]
+                conn.execute(f"DELETE FROM acall_blobs WHERE {idle_rows}", (*chunk, cutoff))
+                gone.extend(found)
+            conn.execute("COMMIT")
+            return gone
+
+        return await self._run(op, f"delete idle among {len(keys)} keys")
 
     async def _scan(self, prefix: str) -> AsyncIterator[str]:
         # The prefix holds only key characters, none of which GLOB treats specially.
