@@ -24,6 +24,7 @@ from anyio.abc import ByteReceiveStream
 
 from acall.brokers import (
     Broker,
+    DamagedRecord,
     Delivery,
     MemoryBroker,
     RedisBroker,
@@ -126,6 +127,29 @@ async def test_submit_get_round_trip(broker: Broker) -> None:
     assert await broker.submit(record) == record
     assert await broker.get(record.invocation_id) == record
     assert await broker.get(new_invocation_id()) is None
+
+
+async def test_scan_records_sees_every_record_in_bounded_batches(broker: Broker) -> None:
+    records = [_record(queue="default" if i % 3 else "other") for i in range(1203)]
+    await broker.submit_many(records)
+    # Some are running and some finished: the scan sees each in its current state.
+    deliveries = await _receive(broker, ["default"], 5)
+    await broker.finish([(d, attrs.evolve(d.record, status=SUCCESS)) for d in deliveries[:2]])
+    seen: dict[str, InvocationRecord] = {}
+    async for batch in broker.scan_records(batch_size=100):
+        assert 0 < len(batch) <= 100
+        for record in batch:
+            assert isinstance(record, InvocationRecord)
+            assert record.invocation_id not in seen, "each record once"
+            seen[record.invocation_id] = record
+    assert set(seen) == {record.invocation_id for record in records}
+    for record in await broker.get_many(list(seen)):
+        assert record is not None
+        assert seen[record.invocation_id] == record
+    statuses = [seen[d.invocation_id].status for d in deliveries]
+    assert statuses == [SUCCESS, SUCCESS] + [InvocationStatus.RUNNING] * 3
+    with pytest.raises(ConfigurationError, match="batch_size"):
+        await anext(aiter(broker.scan_records(batch_size=0)))
 
 
 async def test_get_many_keeps_order_with_unknown_ids(broker: Broker) -> None:
@@ -1152,6 +1176,10 @@ async def test_sqlite_missing_directory_and_damaged_rows(
             conn.close()
         with pytest.raises(BrokerError, match=f"record of invocation {record.invocation_id}"):
             await broker.get(record.invocation_id)
+        # A scan reports it as damaged, with its text, and goes on.
+        scanned = [item async for batch in broker.scan_records() for item in batch]
+        assert scanned == [DamagedRecord(record.invocation_id, '{"v": 1}', scanned[0].error)]
+        assert "damaged" in scanned[0].error
         # Delivered without its record (a warning says why), not failing every receive.
         with caplog.at_level(logging.WARNING, logger="acall.brokers"):
             (delivery,) = await _receive(broker)
@@ -1357,6 +1385,13 @@ async def test_redis_missing_and_damaged_records_are_delivered_as_none(
             fine.invocation_id,
         ]
         assert [d.record is None for d in deliveries] == [True, True, False]
+        scanned = {
+            item.invocation_id: item async for batch in broker.scan_records() for item in batch
+        }
+        assert set(scanned) == {damaged.invocation_id, fine.invocation_id}
+        assert isinstance(scanned[damaged.invocation_id], DamagedRecord)
+        assert scanned[damaged.invocation_id].text == "{not json"
+        assert isinstance(scanned[fine.invocation_id], InvocationRecord)
         assert f"invocation {damaged.invocation_id} without its record" in caplog.text
         assert (
             redis_server.command("GET", f"acall:b:inv:{damaged.invocation_id}", db=db)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from acall._backend_urls import open_backend, redis_class
-from acall.brokers.base import Broker, Delivery
+from acall.brokers.base import Broker, DamagedRecord, Delivery
 from acall.brokers.memory import MemoryBroker
 from acall.brokers.sqlite import SqliteBroker
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Broker",
+    "DamagedRecord",
     "Delivery",
     "MemoryBroker",
     "RedisBroker",

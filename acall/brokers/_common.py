@@ -13,10 +13,10 @@ import abc
 import contextlib
 import logging
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Final
 
-from acall.brokers.base import Broker, Delivery
+from acall.brokers.base import Broker, DamagedRecord, Delivery, ScannedRecord
 from acall.dto import DTOCodec, InvocationRecord, InvocationStatus
 from acall.errors import BrokerError, ConfigurationError, DTOValidationError, InvalidKeyError
 from acall.ids import CallId
@@ -367,6 +367,18 @@ class BrokerBase(Broker):
             async for ids in batches:
                 yield ids
 
+    async def scan_records(self, batch_size: int = 500) -> AsyncIterator[list[ScannedRecord]]:
+        """Yield every stored record in batches; see :meth:`Broker.scan_records`.
+
+        :raises ConfigurationError: if *batch_size* is not an int >= 1.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ConfigurationError(f"batch_size must be an int >= 1, got {batch_size!r:.80}")
+        self._check_open()
+        async for batch in self._scan_records(batch_size):
+            if batch:
+                yield batch
+
     async def counts(self) -> dict[InvocationStatus, int]:
         """Number of stored invocations per status, every status present (0 if none)."""
         self._check_open()
@@ -406,6 +418,14 @@ class BrokerBase(Broker):
                 f"the stored record of invocation {invocation_id} in {self.url} is damaged "
                 f"or was written by an incompatible program: {exc}"
             ) from exc
+
+    def _decode_scanned(self, text: str | bytes, invocation_id: str) -> ScannedRecord:
+        """Parse a record met by ``scan_records``; a damaged one becomes a DamagedRecord."""
+        try:
+            return self._decode(text, invocation_id)
+        except BrokerError as exc:
+            shown = text if isinstance(text, str) else text.decode("utf-8", "replace")
+            return DamagedRecord(invocation_id, shown, str(exc))
 
     def _decode_claimed(self, text: str | bytes, invocation_id: str) -> InvocationRecord | None:
         """Parse a record claimed by ``receive``; ``None`` (logged) if it is damaged.
@@ -473,6 +493,10 @@ class BrokerBase(Broker):
     @abc.abstractmethod
     def _watch_final(self) -> AsyncGenerator[set[str], None]:
         """Yield ids that became final; end when the broker is closed."""
+
+    @abc.abstractmethod
+    def _scan_records(self, batch_size: int) -> AsyncIterator[list[ScannedRecord]]:
+        """Yield the stored records in batches of at most *batch_size*."""
 
     @abc.abstractmethod
     async def _counts(self) -> dict[InvocationStatus, int]:

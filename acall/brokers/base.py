@@ -26,7 +26,7 @@ not acknowledge the entry, which belongs to the current holder.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -34,7 +34,7 @@ import attrs
 
 from acall.dto import InvocationRecord, InvocationStatus
 
-__all__ = ["Broker", "Delivery"]
+__all__ = ["Broker", "DamagedRecord", "Delivery", "ScannedRecord"]
 
 
 @attrs.frozen(slots=True)
@@ -63,6 +63,24 @@ class Delivery:
     receipt: str
     delivery_count: int = 1
     record: InvocationRecord | None = None
+
+
+@attrs.frozen(slots=True)
+class DamagedRecord:
+    """A stored record that :meth:`Broker.scan_records` could not decode.
+
+    :ivar invocation_id: whose record it is.
+    :ivar text: the stored text, as found (maintenance tools may still search it).
+    :ivar error: why it could not be decoded.
+    """
+
+    invocation_id: str
+    text: str
+    error: str
+
+
+#: What :meth:`Broker.scan_records` yields for each stored record.
+ScannedRecord = InvocationRecord | DamagedRecord
 
 
 class Broker(abc.ABC):
@@ -212,6 +230,17 @@ class Broker(abc.ABC):
         """
 
     # -- observation -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def scan_records(self, batch_size: int = 500) -> AsyncIterator[list[ScannedRecord]]:
+        """Yield every stored record, in batches of at most *batch_size*.
+
+        Pending, running and retrying records, and finished ones until their
+        ``record_ttl`` runs out. A record that cannot be decoded comes as a
+        :class:`DamagedRecord` instead of stopping the scan. For maintenance (the blob
+        collector), not hot paths: a record stored or changed while the scan runs may
+        be missed or seen twice, but one that stays unchanged throughout is seen.
+        """
 
     @abc.abstractmethod
     def watch_final(self) -> AsyncGenerator[set[str], None]:

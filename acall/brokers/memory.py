@@ -17,7 +17,7 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
 import anyio
@@ -25,7 +25,7 @@ import attrs
 from anyio.lowlevel import checkpoint
 
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
-from acall.brokers.base import Delivery
+from acall.brokers.base import Delivery, ScannedRecord
 from acall.dto import InvocationRecord, InvocationStatus
 from acall.errors import ConfigurationError
 from acall.stores.base import validate_ttl
@@ -426,6 +426,15 @@ class MemoryBroker(BrokerBase):
         finally:
             self._data.watchers.discard(watcher)
             self._watchers.discard(watcher)
+
+    async def _scan_records(self, batch_size: int) -> AsyncIterator[list[ScannedRecord]]:
+        await checkpoint()
+        self._data.purge(time.monotonic())
+        # A snapshot: records are immutable values, replaced (never changed) on update.
+        records: list[ScannedRecord] = list(self._data.records.values())
+        for start in range(0, len(records), batch_size):
+            yield records[start : start + batch_size]
+            await checkpoint()
 
     async def _counts(self) -> dict[InvocationStatus, int]:
         await checkpoint()

@@ -57,7 +57,7 @@ import json
 import math
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import anyio
@@ -73,10 +73,10 @@ from acall._redis import (
     url_arguments,
 )
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
-from acall.brokers.base import Delivery
+from acall.brokers.base import Delivery, ScannedRecord
 from acall.dto import InvocationRecord, InvocationStatus
 from acall.errors import BrokerError, BrokerUnavailableError
-from acall.stores.base import validate_ttl
+from acall.stores.base import KEY_PATTERN, validate_ttl
 
 __all__ = ["CONSUMER_GROUP", "DEFAULT_PREFIX", "RedisBroker"]
 
@@ -1141,6 +1141,38 @@ class RedisBroker(BrokerBase):
         finally:
             with anyio.CancelScope(shield=True):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]  # untyped in redis-py
+
+    async def _scan_records(self, batch_size: int) -> AsyncIterator[list[ScannedRecord]]:
+        head = f"{self.prefix}inv:"
+        # Prefixes are made of key characters, none of which MATCH treats specially.
+        pattern = head + "*"
+        seen: set[str] = set()  # SCAN may return a key more than once
+        cursor = 0
+        while True:
+
+            async def step(cursor: int = cursor) -> tuple[int, list[Any]]:
+                reply = await self._client.scan(cursor, match=pattern, count=batch_size)
+                return int(reply[0]), list(reply[1])
+
+            cursor, names = await self._call("scan records", step)
+            ids = [str(name)[len(head) :] for name in names]
+            ids = [i for i in ids if i not in seen and KEY_PATTERN.fullmatch(i) is not None]
+            seen.update(ids)
+            for start in range(0, len(ids), batch_size):
+                part = ids[start : start + batch_size]
+                keys = [head + invocation_id for invocation_id in part]
+
+                async def read(keys: list[str] = keys) -> list[Any]:
+                    return list(await self._client.mget(keys))
+
+                texts = await self._call(f"read {len(keys)} records", read)
+                yield [
+                    self._decode_scanned(text, invocation_id)
+                    for invocation_id, text in zip(part, texts, strict=True)
+                    if text is not None  # expired since SCAN saw it
+                ]
+            if cursor == 0:
+                return
 
     async def _counts(self) -> dict[InvocationStatus, int]:
         numbers = await self._call(

@@ -39,7 +39,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final, TypeVar
 
 import anyio
@@ -47,7 +47,7 @@ import attrs
 
 from acall._sqlite import IN_CHUNK, SqliteRunner, check_file_settings, chunks, split_url
 from acall.brokers._common import DEFAULT_RECORD_TTL, FINAL_STATUSES, BrokerBase
-from acall.brokers.base import Delivery
+from acall.brokers.base import Delivery, ScannedRecord
 from acall.dto import InvocationRecord, InvocationStatus
 from acall.errors import BrokerError, BrokerUnavailableError
 from acall.stores.base import store_options, validate_ttl
@@ -501,6 +501,23 @@ class SqliteBroker(BrokerBase):
             # close() may win the race against a poll already under way: end quietly.
             if not self._closed:
                 raise
+
+    async def _scan_records(self, batch_size: int) -> AsyncIterator[list[ScannedRecord]]:
+        after = ""
+        while True:
+
+            def op(conn: sqlite3.Connection, after: str = after) -> list[tuple[str, str]]:
+                return conn.execute(
+                    "SELECT id, record FROM acall_invocations WHERE id > ? ORDER BY id LIMIT ?",
+                    (after, batch_size),
+                ).fetchall()
+
+            # Page by id so no read transaction stays open while the caller works.
+            rows = await self._run(op, "scan records")
+            yield [self._decode_scanned(text, invocation_id) for invocation_id, text in rows]
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
 
     async def _counts(self) -> dict[InvocationStatus, int]:
         def op(conn: sqlite3.Connection) -> list[tuple[str, int]]:
