@@ -35,6 +35,7 @@ import hashlib
 import io
 import logging
 import struct
+import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -448,11 +449,18 @@ class OffloadCodec:
         store: Store,
         serializer: Serializer | None = None,
         settings: OffloadSettings | None = None,
+        *,
+        reuse_window: float | None = None,
     ) -> None:
         self.store = store
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self.settings = settings if settings is not None else OffloadSettings()
-        self._known: OrderedDict[str, None] = OrderedDict()
+        #: Seconds a blob this process stored (or touched) is trusted to still be there
+        #: without asking the store again; ``None``: for ever. Must stay well below the
+        #: blob collector's grace period when one runs (see :mod:`acall.lifecycle`).
+        self.reuse_window = reuse_window
+        # Reference -> monotonic time it was last stored or touched by this process.
+        self._known: OrderedDict[str, float] = OrderedDict()
         self._cache: OrderedDict[str, str] = OrderedDict()
         self._cache_bytes = 0
         self._fetches: SingleFlight[str, str] = SingleFlight()
@@ -567,7 +575,10 @@ class OffloadCodec:
             return prep.inline
         ref = prep.reference
         assert ref is not None
-        if ref in self._known:
+        known_at = self._known.get(ref)
+        if known_at is not None and (
+            self.reuse_window is None or time.monotonic() - known_at < self.reuse_window
+        ):
             self._known.move_to_end(ref)
             self.stats["uploads_skipped"] += 1
             return ref
@@ -578,7 +589,9 @@ class OffloadCodec:
         ref = prep.reference
         assert ref is not None
         size = sum(map(len, prep.stored))
-        if size >= self.EXISTS_CHECK_MIN and await self.store.exists(ref):
+        # A touch, not a mere existence check: it also restarts the blob's idle time,
+        # so the collector cannot remove it before this call's record is visible.
+        if size >= self.EXISTS_CHECK_MIN and (await self.store.touch_many([ref]))[0]:
             self.stats["uploads_skipped"] += 1
         else:
             if size >= self.EXISTS_CHECK_MIN:
@@ -597,7 +610,8 @@ class OffloadCodec:
         self._remember(ref)
 
     def _remember(self, ref: str) -> None:
-        self._known[ref] = None
+        self._known[ref] = time.monotonic()
+        self._known.move_to_end(ref)
         if len(self._known) > self._KNOWN_MAX:
             self._known.popitem(last=False)
 

@@ -60,6 +60,7 @@ from acall.errors import (
 )
 from acall.hashing import compute_args_id
 from acall.ids import TaskId
+from acall.lifecycle import BlobCollection
 from acall.serializers import JsonSerializer, Serializer
 from acall.stores import Store, open_store
 from acall.typed import make_argument_converter, needs_typing
@@ -145,6 +146,10 @@ class App:
     :param serializer: defaults to the pynenc-compatible :class:`JsonSerializer`.
     :param offload: offload settings; ``min_size_to_offload`` must match on every
         process of a cluster.
+    :param blob_collection: how workers remove offloaded values no invocation needs
+        any more (:mod:`acall.lifecycle`); ``None`` keeps them (or leaves it to
+        ``offload.blob_ttl``). Give every process of a cluster the same setting: it
+        also bounds how long a client trusts its memory of stored blobs.
     :param name: shown in logs.
     """
 
@@ -155,12 +160,14 @@ class App:
         *,
         serializer: Serializer | None = None,
         offload: OffloadSettings | None = None,
+        blob_collection: BlobCollection | None = BlobCollection(),  # noqa: B008 - immutable
         name: str = "acall",
     ) -> None:
         self.name = name
         self._entered = 0
         self.serializer: Serializer = serializer if serializer is not None else JsonSerializer()
         self._offload = offload
+        self.blob_collection = blob_collection
         self.configure(broker=broker, store=store)
         self.tasks: dict[str, Task[Any, Any]] = {}
 
@@ -180,7 +187,13 @@ class App:
             store = _default_store_url(broker)
         self.broker = open_broker(broker) if isinstance(broker, str) else broker
         self.store = open_store(store) if isinstance(store, str) else store
-        self.codec = OffloadCodec(self.store, self.serializer, self._offload)
+        collection = self.blob_collection
+        self.codec = OffloadCodec(
+            self.store,
+            self.serializer,
+            self._offload,
+            reuse_window=None if collection is None else collection.reuse_window,
+        )
         self._waiter = _ResultWaiter(self.broker)
         # Submissions made at the same moment (many tasks submitting at once) go to the
         # broker together: one SQLite transaction or one Redis script call per batch.

@@ -50,6 +50,7 @@ from acall.errors import (
     UnknownTaskError,
     WorkerCrashError,
 )
+from acall.lifecycle import BlobCollector
 from acall.tasks import App, Task, error_info
 
 __all__ = [
@@ -134,6 +135,8 @@ class Worker:
     :param max_deliveries: an entry delivered more often than this without an outcome
         (its workers died each time) fails instead of running again.
     :param handle_signals: stop gracefully on SIGINT / SIGTERM.
+    :param collect_blobs: sweep unneeded blobs now and then, as the app's
+        ``blob_collection`` says (no effect when that is ``None``).
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class Worker:
         max_deliveries: int = 10,
         handle_signals: bool = True,
         worker_id: str | None = None,
+        collect_blobs: bool = True,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
@@ -164,6 +168,9 @@ class Worker:
         self.poll_wait = poll_wait
         self.max_deliveries = max_deliveries
         self.handle_signals = handle_signals
+        self.collect_blobs = collect_blobs
+        #: The blob collector this worker runs (set by :meth:`run`), if any.
+        self.collector: BlobCollector | None = None
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.stats = WorkerStats()
         self._threads = anyio.CapacityLimiter(threads or concurrency)
@@ -207,6 +214,11 @@ class Worker:
             if self.handle_signals:
                 outer.start_soon(self._watch_signals)
             outer.start_soon(self._heartbeat)
+            collection = self.app.blob_collection if self.collect_blobs else None
+            if collection is not None:
+                app = self.app
+                self.collector = BlobCollector(app.broker, app.store, collection)
+                outer.start_soon(self.collector.run)
             # A fixed pool of consumer tasks fed from a queue: no task is created per
             # invocation, and at most `concurrency` entries are ever held.
             async with anyio.create_task_group() as work:

@@ -40,6 +40,10 @@ class CountingStore(MemoryStore):
         self.calls["exists"] += 1
         return await super()._exists(key)
 
+    async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
+        self.calls["touch_many"] += 1
+        return await super()._touch_many(keys)
+
     def reset(self) -> None:
         self.calls.clear()
         self.keys_fetched.clear()

@@ -117,7 +117,7 @@ _CHILD_LOCKER = textwrap.dedent(
     import sqlite3, sys, time
     conn = sqlite3.connect(sys.argv[1], isolation_level=None)
     conn.execute("BEGIN EXCLUSIVE")
-    conn.execute("INSERT OR REPLACE INTO acall_blobs VALUES ('held', x'01', NULL)")
+    conn.execute("INSERT OR REPLACE INTO acall_blobs (key, value) VALUES ('held', x'01')")
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
     conn.execute("COMMIT")

@@ -35,6 +35,7 @@ broker (without ``call_key``) must be deleted.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sqlite3
 import time
@@ -507,9 +508,13 @@ class SqliteBroker(BrokerBase):
         while True:
 
             def op(conn: sqlite3.Connection, after: str = after) -> list[tuple[str, str]]:
+                # Finished records past their record_ttl are skipped even before the
+                # next purge deletes them: nothing may rely on them any more.
+                kept_since = -math.inf if self.record_ttl is None else time.time() - self.record_ttl
                 return conn.execute(
-                    "SELECT id, record FROM acall_invocations WHERE id > ? ORDER BY id LIMIT ?",
-                    (after, batch_size),
+                    "SELECT id, record FROM acall_invocations WHERE id > ? "
+                    "AND (final_seq IS NULL OR updated_at > ?) ORDER BY id LIMIT ?",
+                    (after, kept_since, batch_size),
                 ).fetchall()
 
             # Page by id so no read transaction stays open while the caller works.
