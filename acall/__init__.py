@@ -59,6 +59,10 @@ from acall.ids import (
     CallId,
     TaskId,
 )
+from acall.lifecycle import (
+    BlobCollection,
+    BlobCollector,
+)
 from acall.serializers import (
     JsonSerializable,
     JsonSerializer,
@@ -86,6 +90,8 @@ __all__ = [
     "AcallError",
     "App",
     "ArgumentTypeError",
+    "BlobCollection",
+    "BlobCollector",
     "BlobCorruptedError",
     "BlobNotFoundError",
     "Broker",

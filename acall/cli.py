@@ -76,6 +76,7 @@ async def _run_worker(args: argparse.Namespace) -> None:
             queues=queues,
             visibility_timeout=args.visibility_timeout,
             grace_period=args.grace_period,
+            collect_blobs=not args.no_collect,
         )
         await worker.run()
 
@@ -104,14 +105,41 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         doc = DTOCodec().to_dict(record)
         if args.resolve:
             doc["arguments"] = {
-                name: await app.codec.decode(value)
+                name: await _resolve(app, value)
                 for name, value in record.call.serialized_arguments.items()
             }
             if record.result is not None:
-                doc["result_value"] = await app.codec.decode(record.result)
+                doc["result_value"] = await _resolve(app, record.result)
         if record.error is not None:
             doc["error_rebuilt"] = repr(rebuild_exception(app.serializer, record))
         print(json.dumps(doc, indent=2, ensure_ascii=False, default=repr))
+
+
+async def _resolve(app: Any, serialized: str) -> Any:
+    from acall.errors import BlobNotFoundError
+
+    try:
+        return await app.codec.decode(serialized)
+    except BlobNotFoundError:
+        # The arguments of finished invocations are collected (acall.lifecycle).
+        return f"<{serialized} is no longer stored: collected or expired>"
+
+
+async def _run_collect(args: argparse.Namespace) -> None:
+    from acall.lifecycle import BlobCollection, BlobCollector
+    from acall.tasks import App
+
+    app = load_app(args.app) if args.app else App(args.broker or "sqlite:///acall.db", args.store)
+    if args.app:
+        _configure(app, args.broker, args.store)
+    settings = app.blob_collection or BlobCollection()
+    if args.grace is not None:
+        settings = BlobCollection(
+            grace=args.grace, interval=settings.interval, batch_size=settings.batch_size
+        )
+    async with app:
+        report = await BlobCollector(app.broker, app.store, settings).sweep(dry_run=args.dry_run)
+    print(f"{'dry run: ' if args.dry_run else ''}{report}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,6 +157,9 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--queues", help="comma-separated queues (default: all of the app's)")
     worker.add_argument("--visibility-timeout", type=float, default=30.0)
     worker.add_argument("--grace-period", type=float, default=30.0)
+    worker.add_argument(
+        "--no-collect", action="store_true", help="do not sweep unneeded blobs in this worker"
+    )
 
     demo = sub.add_parser("demo", help="run the end-to-end demo (worker + submitted calls)")
     demo.add_argument("--broker", help="broker URL (default: a SQLite file in --workdir)")
@@ -145,6 +176,19 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--resolve", action="store_true", help="load the arguments and result values"
     )
+
+    collect = sub.add_parser(
+        "collect", help="delete offloaded values no invocation needs (one sweep)"
+    )
+    collect.add_argument("--app", metavar="MODULE:APP", help="app to use (for its settings)")
+    collect.add_argument("--broker", help="broker URL (default sqlite:///acall.db)")
+    collect.add_argument("--store", help="data store URL (default: the broker's)")
+    collect.add_argument(
+        "--grace",
+        type=float,
+        help="seconds an unneeded value must have been unused (default: the app's, 3600)",
+    )
+    collect.add_argument("--dry-run", action="store_true", help="only report what would be deleted")
     return parser
 
 
@@ -162,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from acall.demo import run_demo
 
             anyio.run(run_demo, args)
+        elif args.command == "collect":
+            anyio.run(_run_collect, args)
         else:
             anyio.run(_run_inspect, args)
     except KeyboardInterrupt:

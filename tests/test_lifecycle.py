@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from acall.errors import ConfigurationError
 from acall.hashing import REFERENCE_PREFIX, compute_args_id, content_reference
 from acall.ids import CallId, TaskId
 from acall.lifecycle import BlobCollection, BlobCollector, SweepReport, references_of
-from acall.stores import MemoryStore, Store
+from acall.stores import MemoryStore, Store, open_store
 from acall.worker import Worker
 
 # No local text cache: the in-process worker must read every argument from the store,
@@ -334,3 +336,30 @@ async def test_sweeping_hard_while_clients_reuse_blobs_loses_nothing(
     assert len(sweeps) > 20
     # Blobs did become unneeded and idle between uses, and were deleted meanwhile.
     assert sum(report.deleted_blobs for report in sweeps) > 0
+
+
+async def test_acall_collect_command(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    async with open_store(url) as store:
+        orphan = await OffloadCodec(store).encode(_blob("orphan"), name="v")
+    await anyio.sleep(1.2)
+
+    def collect(*options: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "acall", "collect", "--broker", url, *options]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    dry = collect("--grace", "1", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "dry run" in dry.stdout
+    assert "deleted 1 blobs" in dry.stdout
+    async with open_store(url) as store:
+        assert await store.exists(orphan)
+    real = collect("--grace", "1")
+    assert real.returncode == 0, real.stderr
+    assert "deleted 1 blobs" in real.stdout
+    async with open_store(url) as store:
+        assert not await store.exists(orphan)
+    bad = collect("--grace", "0")
+    assert bad.returncode == 2
+    assert "grace" in bad.stderr
+    assert "Traceback" not in bad.stderr
