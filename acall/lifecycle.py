@@ -16,7 +16,8 @@ ways keep the store from growing without bound; choose per app:
   what makes sweeping safe while clients submit: a client stores or touches a blob
   just before submitting the call that refers to it, and trusts its memory of a blob
   being stored only for the codec's ``reuse_window`` (a quarter of the grace period),
-  so no blob about to be referenced is ever idle long enough to go. Every worker
+  so no blob about to be referenced is ever idle long enough to go (calls serialized
+  by hand must likewise be submitted within that window). Every worker
   sweeps now and then (*interval*); ``acall collect`` runs one sweep by hand.
   Deleting is per key and conditional (:meth:`~acall.stores.Store.delete_idle`), so
   concurrent sweeps by several workers are harmless.
