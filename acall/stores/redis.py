@@ -223,15 +223,20 @@ class RedisStore(Store):
         return bool(count)
 
     async def _exists_many(self, keys: Sequence[str]) -> list[bool]:
+        return await self._per_key("EXISTS", keys, f"check {len(keys)} keys")
+
+    async def _per_key(self, command: str, keys: Sequence[str], what: str) -> list[bool]:
+        """Run a counting *command* (EXISTS, TOUCH) once per key, in one round trip."""
+
         async def operation() -> list[Any]:
-            # EXISTS k1 k2 ... only returns a total; one pipelined EXISTS per key gives
-            # the per-key answer in the same single round trip.
+            # EXISTS / TOUCH k1 k2 ... only return a total; one pipelined command per key
+            # gives the per-key answer in the same single round trip.
             async with self._client.pipeline(transaction=False) as pipe:
                 for key in keys:
-                    pipe.exists(self._k(key))
+                    pipe.execute_command(command, self._k(key))
                 return await pipe.execute()
 
-        counts = await self._call(f"check {len(keys)} keys", operation)
+        counts = await self._call(what, operation)
         return [bool(count) for count in counts]
 
     async def _delete(self, keys: Sequence[str]) -> int:
@@ -241,14 +246,7 @@ class RedisStore(Store):
         return int(count)
 
     async def _touch_many(self, keys: Sequence[str]) -> list[bool]:
-        async def operation() -> list[Any]:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.touch(self._k(key))
-                return await pipe.execute()
-
-        counts = await self._call(f"touch {len(keys)} keys", operation)
-        return [bool(count) for count in counts]
+        return await self._per_key("TOUCH", keys, f"touch {len(keys)} keys")
 
     async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
         # The LRU clock counts whole seconds and a key's idle time may read up to one
