@@ -51,9 +51,13 @@ class RedisServerError(RuntimeError):
 class RedisServer:
     """A real ``redis-server`` process on a free loopback port, in a temporary directory.
 
-    The server keeps nothing on disk (``--save "" --appendonly no``), so :meth:`restart`
-    comes back empty on the same port. Use it as a context manager, or call
-    :meth:`start` and :meth:`close`::
+    By default the server keeps nothing on disk (``--save "" --appendonly no``), so
+    :meth:`restart` comes back empty on the same port. With ``persistent=True`` it logs
+    every write to an append-only file synced before each reply (``--appendonly yes
+    --appendfsync always``) in a directory kept until :meth:`close`, so whatever it
+    acknowledged survives :meth:`stop`, :meth:`kill` and :meth:`restart`, as on a
+    production server. Use it as a context manager, or call :meth:`start` and
+    :meth:`close`::
 
         with RedisServer() as server:
             store = open_store(server.url_for(db=1))
@@ -63,6 +67,7 @@ class RedisServer:
     :param databases: number of logical databases, for one-DB-per-test isolation.
     :param startup_timeout: seconds to wait for ``PING`` to answer after a start.
     :param extra_args: more ``redis-server`` arguments, e.g. ``["--requirepass", "pw"]``.
+    :param persistent: keep the data across restarts (append-only file, fsync always).
     """
 
     host: Final = _HOST
@@ -75,6 +80,7 @@ class RedisServer:
         databases: int = 64,
         startup_timeout: float = 10.0,
         extra_args: Sequence[str] = (),
+        persistent: bool = False,
     ) -> None:
         found = executable or self.find_executable()
         if found is None:
@@ -86,6 +92,7 @@ class RedisServer:
         self.databases = databases
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.persistent = persistent
         self._port = port
         self._process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
@@ -155,8 +162,11 @@ class RedisServer:
             self.host,
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *(
+                ("--appendonly", "yes", "--appendfsync", "always")
+                if self.persistent
+                else ("--appendonly", "no")
+            ),
             "--dir",
             self._dir,
             "--databases",
@@ -186,13 +196,21 @@ class RedisServer:
             self._terminate(process, signal.SIGTERM, timeout)
 
     def kill(self) -> None:
-        """Kill the server with SIGKILL (a crash, for fault tests) and wait for it."""
+        """Kill the server with SIGKILL (a crash, for fault tests) and wait for it.
+
+        A ``persistent`` server loses nothing it acknowledged: each write is synced to
+        its append-only file before the reply.
+        """
         process, self._process = self._process, None
         if process is not None:
             self._terminate(process, signal.SIGKILL)
 
     def restart(self) -> None:
-        """Stop the server and start it again on the same port (it comes back empty)."""
+        """Stop the server and start it again on the same port.
+
+        It comes back empty, unless it is ``persistent``: then with every write it
+        acknowledged.
+        """
         self.stop()
         self.start()
 

@@ -4,10 +4,6 @@ reports bad input in one line, and ``acall demo`` runs end to end."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,56 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 import worker_app as wa
+from procs import RunLog, WorkerPool, acall_cli, records_of, wait_finished
 
 from acall import App, InvocationStatus
 
-TESTS_DIR = Path(__file__).parent
 pytestmark = pytest.mark.slow
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _acall(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "acall", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=_env(),
-        check=False,
-    )
-
-
-class WorkerProcess:
-    """``acall worker worker_app:app`` in a real process; its output goes to a file."""
-
-    def __init__(self, broker: str, log_dir: Path) -> None:
-        self.log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
-        with self.log_path.open("wb") as log:
-            command = [sys.executable, "-m", "acall", "--log-level", "WARNING", "worker"]
-            command += ["worker_app:app", "--broker", broker, "--concurrency", "8"]
-            command += ["--visibility-timeout", "1.5"]
-            self.proc = subprocess.Popen(
-                command,
-                env=_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -83,55 +34,39 @@ async def app(broker_url: str) -> AsyncIterator[App]:
 
 
 @pytest.fixture
-def workers() -> Iterator[list[WorkerProcess]]:
-    started: list[WorkerProcess] = []
-    yield started
-    for w in started:
-        if w.proc.poll() is None:
-            w.kill()
-
-
-async def _finished(app: App, ids: list[str]) -> int:
-    records = await app.broker.get_many(ids)
-    return sum(1 for r in records if r is not None and r.status.is_final)
+def workers(broker_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    with WorkerPool(broker_url, tmp_path) as pool:
+        yield pool
 
 
 async def test_sigkill_mid_task_loses_nothing(
-    app: App, broker_url: str, tmp_path: Path, workers: list[WorkerProcess]
+    app: App, tmp_path: Path, workers: WorkerPool
 ) -> None:
-    log_dir = tmp_path / "runs"
-    log_dir.mkdir()
+    log = RunLog(tmp_path / "runs.log")
     n = 200
-    handles = [await wa.record_and_square.submit(i, 0.02, str(log_dir)) for i in range(n)]
+    handles = [await wa.logged_sync.submit(i, 0.02, str(log)) for i in range(n)]
     ids = [h.invocation_id for h in handles]
-    kills = 0
+    killed = []
     with anyio.fail_after(120):
         for threshold in (20, 70, 130):
-            worker = WorkerProcess(broker_url, tmp_path)
-            workers.append(worker)
-            while await _finished(app, ids) < threshold:
-                await anyio.sleep(0.02)
+            worker = workers.start()
+            await wait_finished(app, ids, threshold, timeout=60)
             worker.kill()  # mid-task: up to 8 invocations are running right now
-            kills += 1
-        workers.append(WorkerProcess(broker_url, tmp_path))
-        while await _finished(app, ids) < n:
-            await anyio.sleep(0.05)
-    assert kills == 3
+            killed.append(worker.pid)
+        workers.start()
+        await wait_finished(app, ids, n, timeout=60)
     results = [await h.result(timeout=5) for h in handles]
-    assert results == [i * i for i in range(n)]
-    records = await app.broker.get_many(ids)
+    assert results == [wa.logged_result("sync", i) for i in range(n)]
+    records = await records_of(app, ids)
     assert all(r is not None and r.status is InvocationStatus.SUCCESS for r in records)
     # Every invocation ran to completion at least once; runs cut by a kill were redone.
-    completed = {p.name.split(".")[0] for p in log_dir.iterdir()}
-    assert completed == set(ids)
+    assert set(log.finished_runs()) == set(ids)
+    assert sum(log.cut_by(pid) for pid in killed) > 0
 
 
-async def test_sigterm_lets_running_invocations_finish(
-    app: App, broker_url: str, tmp_path: Path, workers: list[WorkerProcess]
-) -> None:
+async def test_sigterm_lets_running_invocations_finish(app: App, workers: WorkerPool) -> None:
     handles = [await wa.slow_square.submit(i, 1.0) for i in range(4)]
-    worker = WorkerProcess(broker_url, tmp_path)
-    workers.append(worker)
+    worker = workers.start()
     ids = [h.invocation_id for h in handles]
     with anyio.fail_after(30):
         while True:
@@ -154,7 +89,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         (["inspect", "0" * 32, "--broker", f"sqlite:///{tmp_path}/empty.db"], "no invocation"),
     ]
     for args, needle in cases:
-        result = _acall(*args)
+        result = acall_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1, (args, result.stderr)
@@ -168,20 +103,20 @@ async def test_inspect_shows_an_invocation(tmp_path: Path) -> None:
     wa.app.configure(broker=url)
     async with wa.app:
         handle = await wa.echo_size.submit("z" * 3000)
-    result = _acall("inspect", handle.invocation_id, "--broker", url, "--resolve")
+    result = acall_cli("inspect", handle.invocation_id, "--broker", url, "--resolve")
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
     assert doc["status"] == "pending"
     assert doc["arguments"] == {"blob": "z" * 3000}
     assert doc["call"]["serialized_arguments"]["blob"].startswith("__pynenc__client_data__:")
-    by_key = _acall("inspect", doc["call"]["call_id"], "--broker", url)
+    by_key = acall_cli("inspect", doc["call"]["call_id"], "--broker", url)
     assert by_key.returncode == 0, by_key.stderr
     assert json.loads(by_key.stdout)["invocation_id"] == handle.invocation_id
 
 
 def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     started = time.monotonic()
-    result = _acall("demo", "--small", "60", "--workdir", str(tmp_path), timeout=300)
+    result = acall_cli("demo", "--small", "60", "--workdir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "summary" in out

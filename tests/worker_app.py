@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from pathlib import Path
 
 import anyio
 
@@ -82,12 +81,47 @@ async def slow_square(x: int, seconds: float = 0.05) -> int:
     return x * x
 
 
-@app.task
-def record_and_square(x: int, seconds: float, log_dir: str) -> int:
-    """Sleeps (so a worker can be killed mid-task) and logs each completed run."""
-    time.sleep(seconds)
+def logged_result(kind: str, x: int, payload: str = "") -> int:
+    """What :func:`logged_async` / :func:`logged_sync` return: a function of the arguments."""
+    mixed = (x * 2654435761 + len(payload)) % 2**31
+    return mixed if kind == "async" else mixed ^ 0x5A5A5A5A
+
+
+def _log_run(log_path: str, event: str, result: int | None = None) -> None:
+    """Append ``EVENT ID PID ATTEMPT RESULT`` to *log_path* (see tests/procs.RunLog)."""
     ctx = current_invocation()
     assert ctx is not None
-    with (Path(log_dir) / f"{ctx.invocation_id}.{os.getpid()}.{ctx.attempt}").open("w") as f:
-        f.write(str(x * x))
-    return x * x
+    shown = "-" if result is None else str(result)
+    line = f"{event} {ctx.invocation_id} {os.getpid()} {ctx.attempt} {shown}\n".encode()
+    # One write to a file opened for appending: lines of concurrent runs never mix.
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+@app.task
+async def logged_async(x: int, seconds: float, log_path: str, payload: str = "") -> int:
+    """Logs its start, sleeps on the loop (a worker can be killed meanwhile), logs its end."""
+    _log_run(log_path, "start")
+    await anyio.sleep(seconds)
+    result = logged_result("async", x, payload)
+    _log_run(log_path, "done", result)
+    return result
+
+
+@app.task
+def logged_sync(x: int, seconds: float, log_path: str, payload: str = "") -> int:
+    """:func:`logged_async` as a plain function, run in a worker thread."""
+    _log_run(log_path, "start")
+    time.sleep(seconds)
+    result = logged_result("sync", x, payload)
+    _log_run(log_path, "done", result)
+    return result
+
+
+@app.task(retries=3, backoff=0.01)
+async def payload_length(payload: str) -> int:
+    """Retried on any error: a blob error that is retried shows as a second attempt."""
+    return len(payload)
