@@ -17,15 +17,38 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import zlib
 from typing import Final
 
-from acall import App, current_invocation
+from acall import App, BlobCollection, current_invocation
+
+#: Environment variables the soak sets for its workers: seconds between two blob sweeps
+#: of a worker, and the idle time before an unneeded blob may go (see acall.lifecycle).
+SWEEP_INTERVAL_ENV: Final = "ACALL_SOAK_SWEEP_INTERVAL"
+SWEEP_GRACE_ENV: Final = "ACALL_SOAK_SWEEP_GRACE"
+
+
+def blob_collection(interval: float | None = None, grace: float | None = None) -> BlobCollection:
+    """The app's blob collection: the arguments, else the environment, else the defaults."""
+    defaults = BlobCollection()
+    env_interval = os.environ.get(SWEEP_INTERVAL_ENV)
+    env_grace = os.environ.get(SWEEP_GRACE_ENV)
+    if interval is None:
+        interval = float(env_interval) if env_interval else defaults.interval
+    if grace is None:
+        grace = float(env_grace) if env_grace else defaults.grace
+    return BlobCollection(grace=grace, interval=interval)
+
 
 #: Reconfigured by whoever uses it: ``--broker``/``--store`` for a worker, ``configure()``
 #: in the soak client.
-app = App("memory://bench-soak", name="bench-soak")
+app = App("memory://bench-soak", name="bench-soak", blob_collection=blob_collection())
+
+# Every blob sweep a worker makes is logged (at DEBUG when it deleted nothing), so the
+# soak can count them in the workers' logs.
+logging.getLogger("acall.lifecycle").setLevel(logging.DEBUG)
 
 #: Characters of the values the soak offloads (well above the 1,024-character threshold).
 LARGE_CHARS: Final = 4096

@@ -98,6 +98,11 @@ _EXPECTED_WARNINGS: Final = (
     re.compile(r"failed on attempt 1: ValueError: rejected \d+"),
 )
 _LOG_LEVEL: Final = re.compile(r" (WARNING|ERROR|CRITICAL) ")
+_SWEEP: Final = re.compile(
+    r"blob sweep: (?P<records>\d+) records .*; deleted (?P<blobs>\d+) blobs and "
+    r"(?P<chunks>\d+) chunks, kept (?P<kept>\d+) recently used, in (?P<seconds>[0-9.]+) s"
+    r"(?:; deletion skipped: (?P<skipped>.*))?"
+)
 
 
 class SetupError(RuntimeError):
@@ -120,6 +125,8 @@ class SoakSettings:
     timeout: float = 3600.0
     max_client_rss: float | None = None
     max_worker_rss: float | None = None
+    sweep_interval: float = 30.0
+    sweep_grace: float | None = None
     keep: bool = False
     json_path: Path | None = None
 
@@ -142,6 +149,19 @@ class SoakSettings:
         add("--timeout", type=float, default=cls.timeout, metavar="SECONDS", help="whole run")
         add("--max-client-rss", type=float, metavar="MIB", help="fail above this peak RSS")
         add("--max-worker-rss", type=float, metavar="MIB", help="fail above this peak RSS")
+        add(
+            "--sweep-interval",
+            type=float,
+            default=cls.sweep_interval,
+            metavar="SECONDS",
+            help="seconds between two blob sweeps of each worker (default 30)",
+        )
+        add(
+            "--sweep-grace",
+            type=float,
+            metavar="SECONDS",
+            help="idle time before an unneeded blob is deleted (default: acall's, 1 hour)",
+        )
         add("--keep", action="store_true", help="keep the run's keys on a --redis server")
         add("--json", dest="json_path", type=Path, metavar="PATH", help="write the figures")
         ns = parser.parse_args(argv)
@@ -154,8 +174,9 @@ class SoakSettings:
 # --------------------------------------------------------------------------- memory
 
 
-def _status_kib(pid: int | str, field_name: str) -> int:
-    """A ``Vm*`` field of ``/proc/PID/status`` in KiB (0 when the process is gone)."""
+def _status_field(pid: int | str, field_name: str) -> int:
+    """A numeric field of ``/proc/PID/status`` (``Vm*`` ones are in KiB); 0 when the
+    process is gone."""
     try:
         with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
             for line in f:
@@ -168,12 +189,12 @@ def _status_kib(pid: int | str, field_name: str) -> int:
 
 def rss_kib(pid: int | str = "self") -> int:
     """Current resident set size (``VmRSS``)."""
-    return _status_kib(pid, "VmRSS")
+    return _status_field(pid, "VmRSS")
 
 
 def peak_rss_kib(pid: int | str = "self") -> int:
     """Peak resident set size so far (``VmHWM``)."""
-    return _status_kib(pid, "VmHWM")
+    return _status_field(pid, "VmHWM")
 
 
 def cpu_seconds(pid: int | str = "self") -> float | None:
@@ -185,6 +206,11 @@ def cpu_seconds(pid: int | str = "self") -> float | None:
         return None
     # After the command name: state is field 3, utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def threads(pid: int | str = "self") -> int:
+    """How many threads the process has."""
+    return _status_field(pid, "Threads")
 
 
 def _mib(kib: float) -> float:
@@ -220,13 +246,17 @@ class PlanStats:
     invocations: int = 0
     by_kind: Counter[str] = field(default_factory=Counter)
     rejects: int = 0
-    large_seeds: set[int] = field(default_factory=set)
+    #: Unique large texts (one per ``fold`` unit): counted, not kept, so the client's
+    #: own bookkeeping does not grow with the run.
+    unique_texts: int = 0
+    #: Which of the SHARED_TEXTS shared texts were used (a bounded set).
+    shared_seeds: set[int] = field(default_factory=set)
     wide_results: int = 0
 
     @property
     def offloaded_values(self) -> int:
         """Distinct values large enough to be offloaded: arguments and results."""
-        return len(self.large_seeds) + self.wide_results
+        return self.unique_texts + len(self.shared_seeds) + self.wide_results
 
 
 def plan(total: int, seed: int, stats: PlanStats) -> Iterator[Unit]:
@@ -269,9 +299,13 @@ def _unit(t: Any, kind: str, i: int, n: int, rng: random.Random, stats: PlanStat
             lambda: _one(t.summary.submit(i, tags, weights)),
             [t.expected_summary(i, tags, weights)],
         )
-    if kind in ("fold", "fold-shared"):
-        text_seed = i if kind == "fold" else SHARED_SEED + rng.randrange(SHARED_TEXTS)
-        stats.large_seeds.add(text_seed)
+    if kind == "fold":
+        stats.unique_texts += 1
+        text = t.large_text(i)  # seeds below SHARED_SEED: never equal to a shared text
+        return Unit(kind, lambda: _one(t.fold.submit(i, text)), [t.expected_fold(i, text)])
+    if kind == "fold-shared":
+        text_seed = SHARED_SEED + rng.randrange(SHARED_TEXTS)
+        stats.shared_seeds.add(text_seed)
         text = t.large_text(text_seed)
         return Unit(kind, lambda: _one(t.fold.submit(i, text)), [t.expected_fold(i, text)])
     if kind == "wide":
@@ -291,7 +325,7 @@ def _unit(t: Any, kind: str, i: int, n: int, rng: random.Random, stats: PlanStat
         )
     if kind == "batch-fold":
         text_seed = SHARED_SEED + rng.randrange(SHARED_TEXTS)
-        stats.large_seeds.add(text_seed)
+        stats.shared_seeds.add(text_seed)
         text = t.large_text(text_seed)
         ids = range(i, i + n)
         return Unit(
@@ -345,6 +379,17 @@ class Sample:
     done: int
     client_rss_kib: int
     worker_rss_kib: list[int]
+    worker_threads: list[int]
+
+    @classmethod
+    def take(cls, seconds: float, done: int, workers: Sequence[Service]) -> Sample:
+        return cls(
+            seconds,
+            done,
+            rss_kib(),
+            [rss_kib(w.pid) for w in workers],
+            [threads(w.pid) for w in workers],
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -352,6 +397,7 @@ class Sample:
             "done": self.done,
             "client_rss_mib": _mib(self.client_rss_kib),
             "worker_rss_mib": [_mib(k) for k in self.worker_rss_kib],
+            "worker_threads": self.worker_threads,
         }
 
 
@@ -451,7 +497,7 @@ def _progress_line(
         f"soak: {elapsed:7.1f} s  {tally.done:>9,}/{settings.invocations:,} done  "
         f"{rate:7,.0f}/s ({recent})  in flight {tally.submitted - tally.done:>6,}  "
         f"errors {tally.errors}  lost {tally.lost}  RSS MiB client {_mib(sample.client_rss_kib):.0f}, "
-        f"workers {workers}"
+        f"workers {workers} (threads {'/'.join(str(n) for n in sample.worker_threads)})"
     )
 
 
@@ -475,7 +521,7 @@ async def _monitor(
         if now < next_line:
             continue
         next_line = now + settings.progress_every
-        sample = Sample(now - started, tally.done, rss_kib(), [rss_kib(w.pid) for w in workers])
+        sample = Sample.take(now - started, tally.done, workers)
         samples.append(sample)
         recent = (tally.done - last_done) / max(1e-9, now - last_t)
         last_t, last_done = now, tally.done
@@ -594,6 +640,27 @@ def _worker_log_problems(workers: Sequence[Service]) -> list[str]:
     return problems
 
 
+def _sweeps(workers: Sequence[Service]) -> dict[str, Any]:
+    """The blob sweeps the workers logged: how many, what they deleted, the slowest."""
+    found = [m for w in workers for m in _SWEEP.finditer(_log_text(w))]
+    return {
+        "count": len(found),
+        "deleted_blobs": sum(int(m["blobs"]) for m in found),
+        "deleted_chunks": sum(int(m["chunks"]) for m in found),
+        "kept_recent": max((int(m["kept"]) for m in found), default=0),
+        "most_records": max((int(m["records"]) for m in found), default=0),
+        "longest_s": max((float(m["seconds"]) for m in found), default=0.0),
+        "skipped": sorted({m["skipped"] for m in found if m["skipped"]}),
+    }
+
+
+def _log_text(worker: Service) -> str:
+    try:
+        return worker.log_path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -624,8 +691,10 @@ async def _client(
 ) -> dict[str, Any]:
     from redis.asyncio import Redis
 
-    from bench._soak_tasks import app
+    from bench._soak_tasks import app, blob_collection
 
+    # The same collection settings as the workers': they set the codec's reuse window.
+    app.blob_collection = blob_collection(settings.sweep_interval, settings.sweep_grace)
     app.configure(broker=broker_url, store=store_url)
     client = Redis.from_url(redis_url, decode_responses=True)
     stats = PlanStats()
@@ -669,9 +738,7 @@ async def _client(
                 for name, after in cpu_after.items()
             }
             now = time.perf_counter()
-            samples.append(
-                Sample(now - started, tally.done, rss_kib(), [rss_kib(w.pid) for w in workers])
-            )
+            samples.append(Sample.take(now - started, tally.done, workers))
             print(_progress_line(settings, tally, elapsed, None, samples[-1]), flush=True)
             report["warm_up_invocations"] = warm_up
             report["elapsed_s"] = elapsed
@@ -745,13 +812,20 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
             f"Redis {redis_url.split('@')[-1]} (prefix {prefix})",
             flush=True,
         )
+        from bench._soak_tasks import SWEEP_GRACE_ENV, SWEEP_INTERVAL_ENV
+
+        worker_env = {SWEEP_INTERVAL_ENV: repr(settings.sweep_interval)}
+        if settings.sweep_grace is not None:
+            worker_env[SWEEP_GRACE_ENV] = repr(settings.sweep_grace)
         worker_args = [
             "--log-level", "WARNING", "worker", "bench._soak_tasks:app",
             "--broker", broker_url, "--store", store_url,
             "--concurrency", str(settings.concurrency), "--grace-period", "10",
         ]  # fmt: skip
         workers = [
-            stack.enter_context(Service(f"soak-worker-{k}", "acall", worker_args, log_dir=tmp))
+            stack.enter_context(
+                Service(f"soak-worker-{k}", "acall", worker_args, log_dir=tmp, env=worker_env)
+            )
             for k in range(settings.workers)
         ]
         try:
@@ -772,6 +846,7 @@ def run_soak(settings: SoakSettings) -> dict[str, Any]:
                 worker.stop()
                 exits.append(None if worker.proc is None else worker.proc.returncode)
             report["worker_log_problems"] = _worker_log_problems(workers)
+            report["sweeps"] = _sweeps(workers)
         finally:
             if settings.redis is not None and not settings.keep:
                 anyio.run(_delete_keys, redis_url, f"{prefix}*")
@@ -866,6 +941,7 @@ def _judge(report: dict[str, Any]) -> dict[str, Any]:
         "client_codec": report["client_codec"],
         **end,
         "worker_exit_status": report["worker_exit_status"],
+        "sweeps": report["sweeps"],
         "worker_log_problems": report["worker_log_problems"][:20],
         "client_log_problems": report["client_log_problems"][:20],
     }
@@ -910,6 +986,10 @@ def _print_summary(figures: dict[str, Any]) -> None:
     r = figures["redis"]
     p(f"  redis              {r['dbsize']:,} keys, used memory {r['used_memory_mib']} MiB "
       f"(peak {r['used_memory_peak_mib']} MiB, RSS {r['used_memory_rss_mib']} MiB)")  # fmt: skip
+    sw = figures["sweeps"]
+    p(f"  blob sweeps        {sw['count']} by the workers: deleted {sw['deleted_blobs']:,} blobs, "
+      f"up to {sw['most_records']:,} records read and {sw['longest_s']:.2f} s per sweep"
+      + (f"; skipped: {'; '.join(sw['skipped'])}" if sw["skipped"] else ""))  # fmt: skip
     p(f"  workers exited     {figures['worker_exit_status']}")
     if figures["ok"]:
         p("soak: OK")

@@ -1,7 +1,8 @@
 """The soak of ``bench/soak.py`` at CI size: real worker processes on a real redis-server.
 
 5,000 invocations (async no-ops, CPU work in threads, offloaded arguments and results,
-retried and failing calls) from 200 concurrent submitters through 2 worker processes;
+retried and failing calls) from 200 concurrent submitters through 2 worker processes,
+which sweep unneeded blobs meanwhile;
 every result is checked by the soak itself, and this test checks its figures: nothing
 wrong, nothing lost, queues empty at the end, and peak RSS bounded. The full run
 (100,000 invocations, 4 workers, 1,000 submitters) is ``python -m bench.soak``.
@@ -46,6 +47,8 @@ def test_soak_ci_size(redis_url: str, tmp_path: Path) -> None:
         "--timeout", "120",
         "--max-worker-rss", str(MAX_WORKER_RSS_MIB),
         "--max-client-rss", str(MAX_CLIENT_RSS_MIB),
+        # Blob sweeps run while the load does (each worker sweeps every 2 s).
+        "--sweep-interval", "2",
         "--json", str(figures_path),
     ]  # fmt: skip
     result = subprocess.run(
@@ -89,6 +92,7 @@ def test_soak_ci_size(redis_url: str, tmp_path: Path) -> None:
     # Offloaded values are content-addressed: one key per distinct value, no more.
     assert 0 < figures["store"]["keys"] <= figures["offloaded_values"]
     assert figures["worker_exit_status"] == [0] * WORKERS
+    assert figures["sweeps"]["count"] >= WORKERS
     assert figures["worker_log_problems"] == []
     assert figures["client_log_problems"] == []
     assert len(figures["worker_peak_rss_mib"]) == WORKERS
