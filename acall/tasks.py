@@ -50,6 +50,7 @@ from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, new_invocat
 from acall.errors import (
     AcallError,
     BrokerError,
+    BrokerUnavailableError,
     ConfigurationError,
     DeserializationError,
     InvalidArgumentsError,
@@ -71,6 +72,7 @@ logger = logging.getLogger("acall.tasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 #: Keyword arguments of :meth:`Task.submit` that configure the submission itself.
 CONTROL_KWARGS = frozenset({"_queue", "_delay", "_timeout"})
@@ -199,7 +201,7 @@ class App:
         # broker together: one SQLite transaction or one Redis script call per batch.
         self._submitter: GroupCommit[InvocationRecord, InvocationRecord] = GroupCommit(
             self.broker.submit_many,
-            interrupted=lambda: BrokerError(
+            interrupted=lambda: BatchInterrupted(
                 "submission interrupted: the invocation may or may not have been enqueued"
             ),
         )
@@ -288,7 +290,9 @@ class App:
 
         Returns the stored record, or the existing one it was deduplicated against.
         """
-        return await self._submitter.submit(record)
+        # Submitting an invocation id again is harmless (the broker keeps the first),
+        # so a batch whose writing task was cancelled is simply written again.
+        return await submit_to_batch(self._submitter, record)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -323,6 +327,22 @@ class App:
     async def wait_final(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         """Wait until the invocation reaches SUCCESS or FAILED; return its record."""
         return await self._waiter.wait(invocation_id, timeout)
+
+
+class BatchInterrupted(BrokerError):
+    """The task writing a batch of concurrent broker calls was cancelled before the
+    batch was written (or before it knew): raised to the batch's other callers."""
+
+
+async def submit_to_batch(commit: GroupCommit[T, R], item: T) -> R:
+    """Hand *item* to a group commit whose writes are idempotent (submissions by
+    invocation id, look-ups, outcomes): when the task that was writing its batch is
+    cancelled, *item* is written again rather than failing a caller that was not."""
+    while True:
+        try:
+            return await commit.submit(item)
+        except BatchInterrupted:
+            continue
 
 
 def _default_store_url(broker: Broker | str) -> str:
@@ -372,7 +392,7 @@ class _ResultWaiter:
         # Handles awaited together (gather over many) look their records up together.
         self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(
             broker.get_many,
-            interrupted=lambda: BrokerError("looking up the invocation was interrupted"),
+            interrupted=lambda: BatchInterrupted("looking up the invocation was interrupted"),
         )
         self._waiters: dict[str, list[_Waiter]] = {}
         self._leader: _Waiter | None = None
@@ -383,8 +403,12 @@ class _ResultWaiter:
         me = _Waiter()
         self._waiters.setdefault(invocation_id, []).append(me)
         try:
+            started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
-            record = await self._lookup.submit(invocation_id)
+            try:
+                record = await submit_to_batch(self._lookup, invocation_id)
+            except BrokerUnavailableError as exc:
+                record = await self._look_up_again(invocation_id, exc, started, timeout)
             if record is None:
                 raise TaskError(f"unknown invocation {invocation_id!r}")
             if record.status.is_final:
@@ -394,8 +418,10 @@ class _ResultWaiter:
             # A plain loop timer wakes a waiting handle at its deadline: a cancel scope
             # per handle costs far more when thousands are awaited together. Only the
             # leader, which blocks inside the broker's stream, needs a cancel scope.
-            deadline = anyio.current_time() + timeout
-            timer = asyncio.get_running_loop().call_later(timeout, me.expire)
+            deadline = started + timeout
+            timer = asyncio.get_running_loop().call_later(
+                max(0.0, deadline - anyio.current_time()), me.expire
+            )
             try:
                 return await self._follow(me, deadline)
             except TimeoutError:
@@ -414,6 +440,32 @@ class _ResultWaiter:
                 stream, self._stream = self._stream, None
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
+
+    async def _look_up_again(
+        self,
+        invocation_id: str,
+        error: BrokerUnavailableError,
+        started: float,
+        timeout: float | None,
+    ) -> InvocationRecord | None:
+        """Look the record up until the broker answers (it may be restarting).
+
+        :raises BrokerUnavailableError: the latest one, if the broker is still
+            unreachable when *timeout* is up.
+        """
+        delay = 0.1
+        while True:
+            if timeout is not None and anyio.current_time() + delay > started + timeout:
+                raise error
+            logger.warning(
+                "waiting for invocation %s: %s; retrying in %.1f s", invocation_id, error, delay
+            )
+            await anyio.sleep(delay)
+            delay = min(5.0, delay * 2)
+            try:
+                return await submit_to_batch(self._lookup, invocation_id)
+            except BrokerUnavailableError as exc:
+                error = exc
 
     async def _follow(self, me: _Waiter, deadline: float | None) -> InvocationRecord:
         while me.record is None:
@@ -475,7 +527,12 @@ class _ResultWaiter:
             except AcallError as exc:
                 if isinstance(exc, TaskError):
                     raise
-                self._stream = None
+                # The stream may still be open (a look-up failed, not the stream):
+                # close it, and its subscription, before starting afresh.
+                stream, self._stream = self._stream, None
+                if stream is not None:
+                    with anyio.CancelScope(shield=True):
+                        await _close_quietly(stream)
                 logger.warning("watching results: %s; retrying in %.1f s", exc, delay)
                 await anyio.sleep(delay)
                 delay = min(5.0, delay * 2)
@@ -487,6 +544,13 @@ class _ResultWaiter:
                     for waiter in self._waiters.get(record.invocation_id, ()):
                         waiter.record = record
                         waiter.wake.set()
+
+
+async def _close_quietly(stream: AsyncGenerator[set[str], None]) -> None:
+    try:
+        await stream.aclose()
+    except AcallError as exc:  # closing a subscription on a dead connection
+        logger.debug("closing the result stream: %s", exc)
 
 
 class InvocationHandle(Generic[R]):

@@ -22,12 +22,13 @@ import collections
 import contextvars
 import logging
 import os
+import random
 import signal
 import socket
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -43,15 +44,16 @@ from acall.errors import (
     ArgumentTypeError,
     BlobCorruptedError,
     BlobNotFoundError,
-    BrokerError,
+    BrokerUnavailableError,
     DeserializationError,
     InvalidKeyError,
     SerializationError,
+    StoreUnavailableError,
     UnknownTaskError,
     WorkerCrashError,
 )
 from acall.lifecycle import BlobCollector
-from acall.tasks import App, Task, error_info
+from acall.tasks import App, BatchInterrupted, Task, error_info, submit_to_batch
 
 __all__ = [
     "InvocationContext",
@@ -74,6 +76,24 @@ _PERMANENT = (
     InvalidKeyError,
     UnknownTaskError,
 )
+
+#: Pause before an invocation whose arguments or result could not be reached (the store
+#: is down) runs again: doubling per attempt from the first, up to the second.
+_UNREACHABLE_BACKOFF: Final = (0.5, 30.0)
+#: How long recording an outcome keeps trying while the broker is unreachable, at least
+#: (the visibility timeout when that is longer); after that the entry is left to be
+#: delivered again once the broker is back.
+_OUTCOME_PATIENCE: Final = 30.0
+
+_T = TypeVar("_T")
+
+
+class _Unreachable(Exception):
+    """Internal: the worker itself could not reach the store for an invocation's data."""
+
+    def __init__(self, error: StoreUnavailableError | BrokerUnavailableError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @attrs.frozen(slots=True)
@@ -110,6 +130,7 @@ class WorkerStats:
     retried: int = 0
     duplicates: int = 0
     released: int = 0
+    postponed: int = 0
 
 
 class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
@@ -181,7 +202,7 @@ class Worker:
         # Outcomes of invocations finishing together are recorded in one broker call.
         self._finisher: GroupCommit[tuple[Delivery, InvocationRecord], None] = GroupCommit(
             self._finish_batch,
-            interrupted=lambda: BrokerError("recording the outcome was interrupted"),
+            interrupted=lambda: BatchInterrupted("recording the outcome was interrupted"),
         )
         self._queue: collections.deque[Delivery] = collections.deque()
         self._work_ready = anyio.Event()
@@ -342,9 +363,15 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._give_back(delivery)
             raise
+        except AcallError as exc:
+            # The outcome could not be recorded (the broker stayed unreachable): leave
+            # the entry unacknowledged so it is delivered again.
+            logger.warning(
+                "invocation %s: could not record its outcome (%s); it will be delivered again",
+                delivery.invocation_id,
+                exc,
+            )
         except Exception:
-            # The outcome could not be recorded (broker down...): leave the entry
-            # unacknowledged so it is delivered again.
             logger.exception("invocation %s: could not record its outcome", delivery.invocation_id)
         finally:
             self._inflight.pop(delivery.receipt, None)
@@ -399,12 +426,17 @@ class Worker:
                     f"task {running.call_id.task_id.key!r} is not registered in this "
                     "worker's app (is its module imported by the app module?)"
                 )
-            value = await self._execute(task, running)
-            serialized = await self.app.codec.encode(
-                task.unstructure_result(value), name="<result>"
+            lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, self.app.codec, running.call)
+            arguments = await self._reaching(lazy.arguments())
+            value = await self._execute(task, running, arguments)
+            serialized = await self._reaching(
+                self.app.codec.encode(task.unstructure_result(value), name="<result>")
             )
         except anyio.get_cancelled_exc_class():
             raise
+        except _Unreachable as exc:
+            await self._postpone(delivery, running, exc.error, log)
+            return
         except Exception as exc:
             await self._failed(delivery, running, task, exc, log)
             return
@@ -415,14 +447,78 @@ class Worker:
             error=None,
             updated_at=time.time(),
         )
-        await self._finisher.submit((delivery, done))
+        await self._persist(
+            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, done))
+        )
         self.stats.succeeded += 1
         if log.isEnabledFor(logging.INFO):
             log.info("succeeded in %.3f s", time.perf_counter() - started)
 
-    async def _execute(self, task: Task[Any, Any], record: InvocationRecord) -> Any:
-        lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, self.app.codec, record.call)
-        arguments = await lazy.arguments()
+    @staticmethod
+    async def _reaching(operation: Awaitable[_T]) -> _T:
+        """Await the worker's own I/O for an invocation (loading its arguments, storing
+        its result); an unreachable backend raises :class:`_Unreachable`, so that it is
+        not mistaken for an error of the task (which may raise the same types)."""
+        try:
+            return await operation
+        except (StoreUnavailableError, BrokerUnavailableError) as exc:
+            raise _Unreachable(exc) from exc
+
+    async def _persist(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
+        """Run a broker write, riding out a broker that is briefly unreachable (a
+        restart, a lock held by another process) for a while before giving up."""
+        deadline = time.monotonic() + max(_OUTCOME_PATIENCE, self.visibility_timeout)
+        delay = 0.1
+        while True:
+            try:
+                return await write()
+            except BrokerUnavailableError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("could not %s (%s); trying again in %.1f s", what, exc, delay)
+            await anyio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, 5.0)
+
+    async def _record_outcome(self, delivery: Delivery, record: InvocationRecord) -> None:
+        """Record a final outcome and acknowledge the entry (batched with other outcomes)."""
+        await self._persist(
+            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, record))
+        )
+
+    async def _postpone(
+        self,
+        delivery: Delivery,
+        record: InvocationRecord,
+        exc: StoreUnavailableError | BrokerUnavailableError,
+        log: _InvocationLog,
+    ) -> None:
+        """The invocation's data could not be reached: no outcome, run it again later.
+
+        Whatever its retry policy, the invocation goes back to its queue (status
+        RETRYING, the error recorded) after a pause that grows with its attempts.
+        """
+        first, longest = _UNREACHABLE_BACKOFF
+        delay = min(longest, first * 2.0 ** min(max(record.attempt - 1, 0), 16))
+        delay *= random.uniform(0.75, 1.25)
+        now = time.time()
+        retrying = attrs.evolve(
+            record,
+            status=InvocationStatus.RETRYING,
+            error=error_info(self.app.serializer, exc),
+            not_before=now + delay,
+            updated_at=now,
+        )
+        await self._persist(
+            "put it back in its queue", lambda: self.app.broker.retry(delivery, retrying, delay)
+        )
+        self.stats.postponed += 1
+        log.warning(
+            "attempt %d could not run (%s); trying again in %.2f s", record.attempt, exc, delay
+        )
+
+    async def _execute(
+        self, task: Task[Any, Any], record: InvocationRecord, arguments: dict[str, Any]
+    ) -> Any:
         timeout = record.timeout
         _current.set(
             InvocationContext(
@@ -467,7 +563,9 @@ class Worker:
                 not_before=now + delay,
                 updated_at=now,
             )
-            await self.app.broker.retry(delivery, retrying, delay)
+            await self._persist(
+                "schedule its retry", lambda: self.app.broker.retry(delivery, retrying, delay)
+            )
             self.stats.retried += 1
             log.warning(
                 "attempt %d failed (%s: %s); retrying in %.2f s",
@@ -478,6 +576,8 @@ class Worker:
             )
             return
         failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
-        await self._finisher.submit((delivery, failed))
+        await self._persist(
+            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, failed))
+        )
         self.stats.failed += 1
         log.warning("failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message)
