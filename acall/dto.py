@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
+import reprlib
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -152,11 +154,29 @@ def _structure_call_id(value: Any, _: type) -> CallId:
     return CallId.from_key(value)
 
 
+def _check_text(value: str) -> str:
+    """Return *value* if it can be encoded as UTF-8, else raise ValueError.
+
+    JSON's ``"\\ud800"`` escape decodes to a lone surrogate: a record holding one could be
+    read but never written back to a broker or sent to another process (every backend
+    encodes records as UTF-8), so it is refused when read.
+    """
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"contains a lone surrogate {value[exc.start]!r} at index {exc.start} "
+                "(not valid Unicode text)"
+            ) from None
+    return value
+
+
 def _structure_str(value: Any, _: type) -> str:
     # cattrs' default str hook would call str() on anything; data must already be text.
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
-    return value
+    return _check_text(value)
 
 
 def _structure_status(value: Any, _: type) -> InvocationStatus:
@@ -174,7 +194,15 @@ def _structure_int(value: Any, _: type) -> int:
 def _structure_float(value: Any, _: type) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {type(value).__name__}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(f"number out of range ({int(value).bit_length()} bits)") from None
+    # json reads NaN and Infinity, but a timestamp or timeout cannot be either, and
+    # writing one back would produce JSON that strict parsers reject.
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {number!r}")
+    return number
 
 
 def _structure_arguments(value: Any, _: type) -> dict[str, str]:
@@ -182,7 +210,12 @@ def _structure_arguments(value: Any, _: type) -> dict[str, str]:
         raise TypeError(f"expected an object of name -> string, got {type(value).__name__}")
     for name, text in value.items():
         if not isinstance(name, str) or not isinstance(text, str):
-            raise TypeError(f"argument {name!r:.60}: names and values must be strings")
+            raise TypeError(f"argument {reprlib.repr(name)}: names and values must be strings")
+        try:
+            _check_text(name)
+            _check_text(text)
+        except ValueError as exc:
+            raise ValueError(f"argument {reprlib.repr(name)}: {exc}") from None
     return dict(value)
 
 
@@ -311,7 +344,10 @@ class DTOCodec:
         if v is None:
             raise DTOValidationError("InvocationRecord", [("v", "required field missing")])
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DTOValidationError("InvocationRecord", [("v", f"invalid version {v!r:.40}")])
+            # reprlib: v may be a deeply nested list, whose repr() raises RecursionError.
+            raise DTOValidationError(
+                "InvocationRecord", [("v", f"invalid version {reprlib.repr(v)}")]
+            )
         if v > RECORD_VERSION:
             raise DTOValidationError(
                 "InvocationRecord",

@@ -11,6 +11,7 @@ The key formats are part of the wire format (see ``docs/wire-format.md``):
 from __future__ import annotations
 
 import re
+import reprlib
 from typing import Final
 
 import attrs
@@ -23,6 +24,25 @@ __all__ = ["NO_ARGS", "CallId", "TaskId", "is_valid_args_id"]
 NO_ARGS: Final = "no_args"
 
 _ARGS_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
+
+
+def _describe(value: object) -> str:
+    # reprlib bounds the depth and length of the repr: a key taken from data may be a
+    # deeply nested list, whose plain repr() raises RecursionError.
+    return f"{type(value).__name__}: {reprlib.repr(value)}"
+
+
+def _check_encodable(key: str, what: str) -> None:
+    """Refuse a key holding a lone surrogate: keys travel as UTF-8, which cannot hold one."""
+    if key.isascii():
+        return
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidKeyError(
+            f"malformed {what} {reprlib.repr(key)}: contains a lone surrogate "
+            f"{key[exc.start]!r} at index {exc.start} and cannot be encoded as UTF-8"
+        ) from None
 
 
 def is_valid_args_id(args_id: str) -> bool:
@@ -49,7 +69,8 @@ class TaskId:
         :raises InvalidKeyError: if *key* is not a string with a non-empty module and name.
         """
         if not isinstance(key, str):
-            raise InvalidKeyError(f"task key must be a str, got {type(key).__name__}: {key!r:.80}")
+            raise InvalidKeyError(f"task key must be a str, got {_describe(key)}")
+        _check_encodable(key, "task key")
         module, dot, func_name = key.rpartition(".")
         if not dot or not module or not func_name:
             raise InvalidKeyError(
@@ -82,7 +103,8 @@ class CallId:
             ``no_args`` nor 64 lowercase hex digits.
         """
         if not isinstance(key, str):
-            raise InvalidKeyError(f"call key must be a str, got {type(key).__name__}: {key!r:.80}")
+            raise InvalidKeyError(f"call key must be a str, got {_describe(key)}")
+        _check_encodable(key, "call key")
         task_key, colon, args_id = key.rpartition(":")
         if not colon:
             raise InvalidKeyError(

@@ -46,3 +46,15 @@ def redis_url(redis_server: RedisServer) -> str:
     db = next(_db_numbers)
     redis_server.flushdb(db)
     return redis_server.url_for(db)
+
+
+# Hypothesis profiles of the fuzz tests (tests/test_fuzz_*.py, see docs/security.md),
+# picked with ACALL_FUZZ_PROFILE=ci (the default) or long; tests/fuzz_support.py scales
+# max_examples per test. "ci" keeps Hypothesis' own CI profile (derandomized, which
+# Hypothesis loads for every test when it detects CI) and its 100 examples unchanged.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile(
+    "ci", _hypothesis_settings.get_profile("ci"), max_examples=100
+)
+_hypothesis_settings.register_profile("long", max_examples=10_000, deadline=None)
