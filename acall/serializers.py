@@ -26,12 +26,14 @@ import json
 import marshal
 import pickle
 import re
+import reprlib
 import sys
-from collections.abc import Callable, Collection, Iterator
-from enum import Enum
+import types
+from collections.abc import Callable, Collection, Iterator, Mapping
+from enum import Enum, Flag
 from itertools import chain, compress, islice
 from json.encoder import encode_basestring_ascii
-from typing import Any, ClassVar, Final, Protocol, runtime_checkable
+from typing import Any, ClassVar, Final, Protocol, TypeGuard, runtime_checkable
 
 from acall.errors import (
     DeserializationError,
@@ -478,7 +480,15 @@ class JsonSerializer:
             ) from None
         if _ENVELOPE_MARKER not in text:
             return value
-        return self._rebuild(value)
+        try:
+            return self._rebuild(value)
+        except RecursionError:
+            # json.loads reads nesting up to about the recursion limit; rebuilding it (or
+            # repr() of a nested field in an error message) needs deeper recursion.
+            raise DeserializationError(
+                "JSON text holding envelopes is nested too deeply to rebuild; text "
+                f"(truncated): {text[:_REPR_LIMIT]!r}"
+            ) from None
 
     def _rebuild(self, data: Any) -> Any:
         if isinstance(data, dict):
@@ -502,9 +512,9 @@ class JsonSerializer:
         args = _field(spec, ERROR_KEY, "args", list)
         found = vars(builtins).get(type_name)
         if found is None:
-            message = spec.get("message", str(args))
+            message = spec.get("message", args)
             return RuntimeError(f"{type_name}: {message}")
-        if not (isinstance(found, type) and issubclass(found, Exception)):
+        if not (_is_class(found) and issubclass(found, Exception)):
             raise UnsafePayloadError(
                 f"refusing {ERROR_KEY} envelope: builtins.{type_name} is "
                 f"{_kind(found)}, not an Exception class"
@@ -521,7 +531,7 @@ class JsonSerializer:
         except LookupError:
             # The class is not available here: keep the information, lose the type.
             return RemoteTaskError(f"{module}.{qualname}", str(message))
-        if not (isinstance(found, type) and issubclass(found, Exception)):
+        if not (_is_class(found) and issubclass(found, Exception)):
             # Exception only, as the encoder writes: a payload must never make a client
             # raise SystemExit, KeyboardInterrupt or GeneratorExit.
             raise UnsafePayloadError(
@@ -536,7 +546,7 @@ class JsonSerializer:
         if "data" not in spec:
             raise DeserializationError(f"{JSON_SERIALIZABLE_KEY} envelope has no 'data' field")
         found = self._resolve_or_raise(module, qualname, JSON_SERIALIZABLE_KEY)
-        if not (isinstance(found, type) and _implements_json_serializable(found)):
+        if not (_is_class(found) and _implements_json_serializable(found)):
             raise UnsafePayloadError(
                 f"refusing {JSON_SERIALIZABLE_KEY} envelope: {module}.{qualname} is "
                 f"{_kind(found)}, not a class defining to_json() and from_json()"
@@ -554,16 +564,25 @@ class JsonSerializer:
         if "value" not in spec:
             raise DeserializationError(f"{ENUM_KEY} envelope has no 'value' field")
         found = self._resolve_or_raise(module, qualname, ENUM_KEY)
-        if not (isinstance(found, type) and issubclass(found, Enum)):
+        if not (_is_class(found) and issubclass(found, Enum)):
             raise UnsafePayloadError(
                 f"refusing {ENUM_KEY} envelope: {module}.{qualname} is {_kind(found)}, "
                 "not an Enum class"
             )
-        try:
-            return found(spec["value"])
-        except (ValueError, TypeError) as exc:
+        value = spec["value"]
+        if issubclass(found, Flag) and not _within_flag(found, value):
             raise DeserializationError(
-                f"{spec['value']!r:.80} is not a member of {module}.{qualname}: {exc}"
+                f"{reprlib.repr(value)} is not a member of {module}.{qualname}: only "
+                "combinations of its members' bits are loaded"
+            )
+        try:
+            return found(value)
+        except Exception as exc:
+            # Not only ValueError: an enum's _missing_ hook may raise anything, and
+            # Enum.__new__ passes a non-ValueError from it through.
+            raise DeserializationError(
+                f"{reprlib.repr(value)} is not a member of {module}.{qualname}: "
+                f"{type(exc).__name__}: {exc}"
             ) from None
 
     def _resolve_or_raise(self, module: str, qualname: str, envelope: str) -> Any:
@@ -575,9 +594,12 @@ class JsonSerializer:
     def _resolve(self, module_name: str, qualname: str) -> Any:
         """Find ``module.qualname`` without running code the payload could choose.
 
-        The module must already be imported (or match ``importable_modules``); each
-        qualname part is read from ``vars()`` so no descriptor, property or module
-        ``__getattr__`` runs.
+        The module must already be imported (or match ``importable_modules``). The first
+        qualname part is read from the module's own dict, the next ones from the dicts
+        of the classes found (a qualname names nested classes), each through the
+        descriptors of ``ModuleType`` and ``type`` themselves: no property, descriptor,
+        module or metaclass ``__getattr__``/``__getattribute__`` runs, and a lazily
+        loaded module is not loaded.
 
         :raises LookupError: when the module or an attribute is not there.
         """
@@ -593,43 +615,82 @@ class JsonSerializer:
                 )
             try:
                 module = importlib.import_module(module_name)
-            except ImportError as exc:
-                raise LookupError(f"module {module_name!r} cannot be imported: {exc}") from None
+            except Exception as exc:  # an allowed module may fail with anything on import
+                raise LookupError(
+                    f"module {module_name!r} cannot be imported: {type(exc).__name__}: {exc}"
+                ) from None
+        if not issubclass(type(module), types.ModuleType):
+            raise LookupError(
+                f"sys.modules[{module_name!r}] is a {_CLASS_QUALNAME.__get__(type(module))}, "
+                "not a module"
+            )
         found: Any = module
+        namespace: Mapping[str, Any] = _MODULE_DICT.__get__(module)
         for part in qualname.split("."):
-            try:
-                namespace = vars(found)
-            except TypeError:
-                raise LookupError(f"{module_name}.{qualname} does not exist") from None
             if part not in namespace:
                 raise LookupError(f"{module_name}.{qualname} does not exist")
             found = namespace[part]
+            # Deeper parts are looked up in classes only: never through a module held
+            # as an attribute, nor an instance (whose __dict__ may be a property).
+            namespace = _CLASS_DICT.__get__(found) if _is_class(found) else {}
         return found
 
 
 def _field(spec: Any, envelope: str, name: str, kind: type) -> Any:
     if not isinstance(spec, dict):
-        raise DeserializationError(f"{envelope} envelope must hold an object, got {spec!r:.80}")
+        raise DeserializationError(
+            f"{envelope} envelope must hold an object, got {reprlib.repr(spec)}"
+        )
     value = spec.get(name)
     if not isinstance(value, kind):
         raise DeserializationError(
-            f"{envelope} envelope field {name!r} must be {kind.__name__}, got {value!r:.80}"
+            f"{envelope} envelope field {name!r} must be {kind.__name__}, got {reprlib.repr(value)}"
         )
     return value
 
 
+# The descriptors behind ``module.__dict__``, ``cls.__dict__``, ``cls.__mro__`` and
+# ``cls.__qualname__``, called directly: an attribute lookup would go through the
+# object's type, whose __getattribute__ (a lazy module's, a metaclass's) runs code.
+_MODULE_DICT: Final = vars(types.ModuleType)["__dict__"]
+_CLASS_DICT: Final = vars(type)["__dict__"]
+_CLASS_MRO: Final = vars(type)["__mro__"]
+_CLASS_QUALNAME: Final = vars(type)["__qualname__"]
+
+
+def _is_class(obj: Any) -> TypeGuard[type]:
+    # Not isinstance(obj, type): for a non-class it falls back to obj.__class__, which
+    # an object may define as a property, and a lying one passes the check.
+    return issubclass(type(obj), type)
+
+
 def _kind(obj: Any) -> str:
-    if isinstance(obj, type):
-        return f"the class {_type_name(obj)}"
-    return f"a {type(obj).__name__}"
+    if _is_class(obj):
+        module = _CLASS_DICT.__get__(obj).get("__module__")
+        qualname = _CLASS_QUALNAME.__get__(obj)
+        return f"the class {qualname if module == 'builtins' else f'{module}.{qualname}'}"
+    return f"a {_CLASS_QUALNAME.__get__(type(obj))}"
 
 
 def _implements_json_serializable(cls: type) -> bool:
     # Looked up through the MRO dicts, not getattr, so no metaclass code runs.
     def defined(name: str) -> bool:
-        return any(name in vars(base) for base in cls.__mro__)
+        return any(name in _CLASS_DICT.__get__(base) for base in _CLASS_MRO.__get__(cls))
 
     return defined("to_json") and defined("from_json")
+
+
+def _within_flag(cls: type[Flag], value: Any) -> bool:
+    """Whether *value* only combines bits of *cls*'s members.
+
+    A Flag class creates and caches a pseudo-member for each new combination it is
+    called with, and with the KEEP boundary (IntFlag's) for any integer at all: a
+    stream of distinct out-of-range values would grow memory without bound.
+    """
+    mask = _CLASS_DICT.__get__(cls).get("_flag_mask_")
+    if not isinstance(mask, int):  # pragma: no cover - every Flag has it on 3.11+
+        return True
+    return isinstance(value, int) and value >= 0 and not value & ~mask
 
 
 def _instantiate_exception(cls: type[BaseException], args: list[Any], name: str) -> BaseException:
@@ -637,7 +698,8 @@ def _instantiate_exception(cls: type[BaseException], args: list[Any], name: str)
         return cls(*args)
     except Exception as exc:
         raise DeserializationError(
-            f"cannot rebuild exception {name} from args {args!r:.120}: {type(exc).__name__}: {exc}"
+            f"cannot rebuild exception {name} from args {reprlib.repr(args)}: "
+            f"{type(exc).__name__}: {exc}"
         ) from None
 
 
