@@ -70,6 +70,9 @@ _CODEC_IDS: Final[dict[str, int]] = {"none": 0, "zlib": 1, "zstd": 2}
 _CODEC_NAMES: Final = {v: k for k, v in _CODEC_IDS.items()}
 _KIND_SINGLE: Final = 0
 _KIND_MANIFEST: Final = 1
+# Largest piece asked of the zstd reader at once: read(n) allocates n bytes up front,
+# and the declared size it is derived from comes from the (untrusted) frame header.
+_ZSTD_READ: Final = 1024 * 1024
 
 #: Values whose estimated size is at least this many characters are encoded in a
 #: worker thread; below it, the thread hop costs more than the encoding.
@@ -325,6 +328,17 @@ def _parse_header(ref: str, blob: bytes, max_blob_size: int) -> _Header:
     if len(blob) != _HEADER.size + _MANIFEST.size:
         raise BlobCorruptedError(f"chunk manifest of {ref} has the wrong size", reference=ref)
     count, stored_length = _MANIFEST.unpack_from(blob, _HEADER.size)
+    # Written manifests list at least one chunk, each non-empty, and store uncompressed
+    # data as is; a manifest that disagrees with itself is refused before any chunk
+    # key is made from its (possibly absurd) count.
+    if not 0 < count <= stored_length or (
+        compression == _CODEC_IDS["none"] and stored_length != raw_length
+    ):
+        raise BlobCorruptedError(
+            f"chunk manifest of {ref} is inconsistent: {count} chunks holding {stored_length} "
+            f"bytes for {raw_length} raw bytes",
+            reference=ref,
+        )
     return _Header(compression, kind, raw_length, checksum, count, stored_length)
 
 
@@ -364,7 +378,7 @@ class _Decoder:
         limit = self.header.raw_length + 1
         with _zstd().ZstdDecompressor().stream_reader(source, read_across_frames=True) as reader:
             while len(self.out) < limit:
-                block = reader.read(limit - len(self.out))
+                block = reader.read(min(limit - len(self.out), _ZSTD_READ))
                 if not block:
                     break
                 self.out += block
@@ -709,9 +723,12 @@ class OffloadCodec:
 
     async def _fetch_chunked(self, ref: str, header: _Header) -> str:
         dec = _Decoder(ref, header)
-        keys = [f"{ref}:{i}" for i in range(header.chunk_count)]
+        count = header.chunk_count
+        step = self.CHUNK_FETCH_BATCH
         received = 0
-        for batch in _batched(keys, self.CHUNK_FETCH_BATCH):
+        for start in range(0, count, step):
+            # Keys are made one batch at a time: the count comes from the stored manifest.
+            batch = [f"{ref}:{i}" for i in range(start, min(start + step, count))]
             chunks = await self.store.get_many(batch)
             for key, chunk in zip(batch, chunks, strict=True):
                 if chunk is None:
@@ -721,6 +738,12 @@ class OffloadCodec:
                         reference=ref,
                     )
                 received += len(chunk)
+                if received > header.stored_length:
+                    raise BlobCorruptedError(
+                        f"blob {ref} chunks hold more than the {header.stored_length} bytes "
+                        "its manifest declares",
+                        reference=ref,
+                    )
                 try:
                     await anyio.to_thread.run_sync(dec.feed, chunk)
                 except BlobCorruptedError:
