@@ -1146,7 +1146,9 @@ class RedisBroker(BrokerBase):
         head = f"{self.prefix}inv:"
         # Prefixes are made of key characters, none of which MATCH treats specially.
         pattern = head + "*"
-        seen: set[str] = set()  # SCAN may return a key more than once
+        # No set of the ids seen so far: it would hold every id of the database (memory
+        # growing with the records kept). SCAN returns a key twice only when the key
+        # space shrinks during the scan, which scan_records allows (see Broker).
         cursor = 0
         while True:
 
@@ -1156,8 +1158,7 @@ class RedisBroker(BrokerBase):
 
             cursor, names = await self._call("scan records", step)
             ids = [str(name)[len(head) :] for name in names]
-            ids = [i for i in ids if i not in seen and KEY_PATTERN.fullmatch(i) is not None]
-            seen.update(ids)
+            ids = [i for i in ids if KEY_PATTERN.fullmatch(i) is not None]
             for start in range(0, len(ids), batch_size):
                 part = ids[start : start + batch_size]
                 keys = [head + invocation_id for invocation_id in part]
