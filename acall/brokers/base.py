@@ -239,7 +239,10 @@ class Broker(abc.ABC):
         ``record_ttl`` runs out. A record that cannot be decoded comes as a
         :class:`DamagedRecord` instead of stopping the scan. For maintenance (the blob
         collector), not hot paths: a record stored or changed while the scan runs may
-        be missed or seen twice, but one that stays unchanged throughout is seen.
+        be missed or seen twice, but one that stays unchanged throughout is seen, at
+        least once (on Redis it may come twice when keys are removed while the scan
+        runs: callers must tolerate repeats). The scan holds one batch at a time,
+        whatever the number of records.
         """
 
     @abc.abstractmethod

@@ -1148,7 +1148,7 @@ class RedisBroker(BrokerBase):
         pattern = head + "*"
         # No set of the ids seen so far: it would hold every id of the database (memory
         # growing with the records kept). SCAN returns a key twice only when the key
-        # space shrinks during the scan, which scan_records allows (see Broker).
+        # space shrinks during the scan, which Broker.scan_records allows.
         cursor = 0
         while True:
 
