@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import reprlib
 from collections.abc import Mapping
 from json.encoder import encode_basestring
 from typing import Final
@@ -165,7 +166,18 @@ def validate_reference(value: str) -> str:
     """
     if isinstance(value, str) and _REFERENCE_RE.fullmatch(value) is not None:
         return value
+    # reprlib bounds the repr: a value taken from data may be a deeply nested list,
+    # whose plain repr() raises RecursionError (and a long str is copied whole).
+    shown = _repr.repr(value) if isinstance(value, str) else _describe(value)
     raise InvalidKeyError(
-        f"invalid content reference {value!r:.120}: expected "
+        f"invalid content reference {shown}: expected "
         "'__pynenc__client_data__:' followed by 64 lowercase hex digits"
     )
+
+
+_repr: Final = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 120
+
+
+def _describe(value: object) -> str:
+    return f"{_repr.repr(value)} (a {type(value).__name__}, not a str)"

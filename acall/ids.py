@@ -26,10 +26,14 @@ NO_ARGS: Final = "no_args"
 _ARGS_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
+# Bounds the depth and length of a repr in messages: a key taken from data may be a
+# deeply nested list, whose plain repr() raises RecursionError.
+_repr: Final = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 120
+
+
 def _describe(value: object) -> str:
-    # reprlib bounds the depth and length of the repr: a key taken from data may be a
-    # deeply nested list, whose plain repr() raises RecursionError.
-    return f"{type(value).__name__}: {reprlib.repr(value)}"
+    return f"{type(value).__name__}: {_repr.repr(value)}"
 
 
 def _check_encodable(key: str, what: str) -> None:
@@ -40,7 +44,7 @@ def _check_encodable(key: str, what: str) -> None:
         key.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidKeyError(
-            f"malformed {what} {reprlib.repr(key)}: contains a lone surrogate "
+            f"malformed {what} {_repr.repr(key)}: contains a lone surrogate "
             f"{key[exc.start]!r} at index {exc.start} and cannot be encoded as UTF-8"
         ) from None
 

@@ -28,13 +28,17 @@ from acall.errors import AcallError
 __all__ = [
     "CORPUS_DIR",
     "COUNTS",
+    "Deep",
     "assert_useful_error",
     "corpus_files",
     "count",
+    "deep_values",
+    "expand",
     "fuzz_settings",
     "json_scalars",
     "json_values",
     "nasty_text",
+    "outcome",
     "summary",
     "timed",
 ]
@@ -90,13 +94,24 @@ def timed(fn: Callable[[], R]) -> R:
         assert elapsed < DECODE_BUDGET, f"one decode took {elapsed:.1f} s"
 
 
+def outcome(fn: Callable[[], R]) -> tuple[R | None, Exception | None]:
+    """Run one decode under :func:`timed`; return ``(value, None)`` or ``(None, error)``."""
+    try:
+        return timed(fn), None
+    except Exception as exc:
+        return None, exc
+
+
 def assert_useful_error(exc: BaseException, kind: type[E], *mentions: str) -> E:
     """Check that a decoder failure is a *kind* error with a message worth reading.
 
     The message must be non-empty and mention at least one of *mentions* (what was
     being decoded or which field was wrong), case-insensitively.
     """
-    assert isinstance(exc, kind), f"expected {kind.__name__}, got {type(exc).__name__}: {exc!r}"
+    if not isinstance(exc, kind):
+        raise AssertionError(
+            f"leaked {type(exc).__name__} (expected {kind.__name__}): {exc!r:.300}"
+        ) from exc
     message = str(exc)
     assert message.strip(), f"{type(exc).__name__} with an empty message"
     if mentions:
@@ -141,6 +156,45 @@ def fuzz_summary(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------ value strategies
+
+
+class Deep:
+    """Stands for a value nested *depth* levels deep, built by :func:`expand`.
+
+    Hypothesis prints a failing example with a recursive pretty-printer that cannot
+    print thousands of levels; strategies draw this stand-in instead and the test body
+    expands it into the real nested lists (or dicts) before decoding.
+    """
+
+    def __init__(self, depth: int, kind: str = "list") -> None:
+        self.depth = depth
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"Deep({self.depth}, {self.kind!r})"
+
+    def build(self) -> Any:
+        value: Any = []
+        for _ in range(self.depth):
+            value = [value] if self.kind == "list" else {"a": value}
+        return value
+
+
+def expand(value: Any) -> Any:
+    """Replace every :class:`Deep` inside *value* (dicts and lists) with what it stands for."""
+    if isinstance(value, Deep):
+        return value.build()
+    if isinstance(value, dict):
+        return {k: expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand(v) for v in value]
+    return value
+
+
+#: Deeply nested values (as :class:`Deep` stand-ins), around the recursion limit.
+deep_values = st.builds(
+    Deep, st.integers(1, 3000) | st.integers(900, 1100), st.sampled_from(["list", "dict"])
+)
 
 #: Strings that break naive decoders: lone surrogates, NUL, BOM, RTL marks, escapes.
 nasty_text = st.one_of(
