@@ -19,4 +19,8 @@ functions with :func:`bench.harness.group`; each receives the run's
 them from :func:`~bench.harness.measure` timings with :func:`~bench.harness.compare`).
 Modules named ``bench_*`` are discovered and imported automatically. Import anchor
 packages inside the group function, so listing groups works without them.
+
+``python -m bench.soak`` is not a group: it is the soak (many invocations through Redis,
+every result checked, peak RSS of each process), which needs only acall and redis-py;
+see :mod:`bench.soak`.
 """
