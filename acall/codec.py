@@ -253,7 +253,8 @@ def _prepare_pieces(
 
 def _frame_single(prep: Prepared) -> bytes:
     header = _HEADER.pack(_MAGIC, prep.compression, _KIND_SINGLE, 0, prep.raw_length, prep.checksum)
-    return header + b"".join(prep.stored)
+    # One join, one copy of the data (header + join would copy it twice).
+    return b"".join((header, *prep.stored))
 
 
 def _split_chunks(pieces: Sequence[bytes], chunk_size: int) -> Iterator[bytes]:
