@@ -221,10 +221,11 @@ class RunLog:
 
     def cut_runs(self) -> list[Run]:
         """Runs that started and never ended (their worker died, or was cancelled)."""
-        ended = {(r.invocation_id, r.pid, r.attempt) for e, r in self.read() if e == "done"}
+        lines = self.read()
+        ended = {(r.invocation_id, r.pid, r.attempt) for e, r in lines if e == "done"}
         return [
             run
-            for event, run in self.read()
+            for event, run in lines
             if event == "start" and (run.invocation_id, run.pid, run.attempt) not in ended
         ]
 

@@ -119,19 +119,27 @@ SIGKILL_KILLS = 5
 SIGKILL_CHUNK = 50
 
 
+def _sigkill_seconds(x: int) -> float:
+    return 0.25 if x % 25 == 0 else 0.005 + (x % 7) * 0.003
+
+
 async def test_sigkill_during_2000_invocations(app: App, backend_url: str, tmp_path: Path) -> None:
     """Two workers; five times one of them is killed mid-task and replaced."""
     log = RunLog(tmp_path / "runs.log")
     expected: dict[str, int] = {}
+    long_runs: set[str] = set()
     for first in range(0, SIGKILL_INVOCATIONS, SIGKILL_CHUNK):
-        # Chunks of async and sync tasks alternate in the queue; 5 to 23 ms each.
+        # Chunks of async and sync tasks alternate in the queue; 5 to 23 ms each, and
+        # one in 25 takes 250 ms (a kill is timed to land in one of those).
         kind = "async" if first // SIGKILL_CHUNK % 2 == 0 else "sync"
         task = wa.logged_async if kind == "async" else wa.logged_sync
         xs = range(first, first + SIGKILL_CHUNK)
-        params = [{"x": x, "seconds": 0.005 + (x % 7) * 0.003} for x in xs]
+        params = [{"x": x, "seconds": _sigkill_seconds(x)} for x in xs]
         handles = await task.submit_many(params, common_args={"log_path": str(log)})
         for x, handle in zip(xs, handles, strict=True):
             expected[handle.invocation_id] = wa.logged_result(kind, x)
+            if x % 25 == 0:
+                long_runs.add(handle.invocation_id)
     ids = list(expected)
     assert len(ids) == SIGKILL_INVOCATIONS
 
@@ -145,9 +153,12 @@ async def test_sigkill_during_2000_invocations(app: App, backend_url: str, tmp_p
                 victim = active[kill % 2]
 
                 async def busy(pid: int = victim.pid) -> bool:
-                    return log.cut_by(pid) > 0  # a run of the victim is under way
+                    # The victim has just started a long run: the kill lands mid-task.
+                    return any(
+                        run.pid == pid and run.invocation_id in long_runs for run in log.cut_runs()
+                    )
 
-                await wait_until(busy, timeout=30, interval=0.002, what="a running task")
+                await wait_until(busy, timeout=60, interval=0.002, what="a long run under way")
                 victim.kill()
                 killed.append(victim.pid)
                 active[kill % 2] = pool.start()
@@ -495,7 +506,17 @@ async def test_sqlite_file_locked_by_another_process(
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(produce)
-                    await anyio.sleep(1.5)
+                    await anyio.sleep(1.0)
+                    # Runs that end while the file is locked: recording their outcomes
+                    # (and extending their visibility) has to wait for the lock.
+                    xs = range(10_000, 10_016)
+                    params = [{"x": x, "seconds": 0.8} for x in xs]
+                    slow = await wa.logged_async.submit_many(
+                        params, common_args={"log_path": str(log)}
+                    )
+                    handles.extend(slow)
+                    expected.extend(wa.logged_result("async", x) for x in xs)
+                    await anyio.sleep(0.5)
                     with _start_locker(path) as locker:
                         try:
                             assert locker.stdout is not None
