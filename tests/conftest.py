@@ -57,4 +57,4 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _hypothesis_settings.register_profile(
     "ci", _hypothesis_settings.get_profile("ci"), max_examples=100
 )
-_hypothesis_settings.register_profile("long", max_examples=10_000, deadline=None)
+_hypothesis_settings.register_profile("long", max_examples=5_000, deadline=None)

@@ -28,6 +28,7 @@ from acall.errors import AcallError
 __all__ = [
     "CORPUS_DIR",
     "COUNTS",
+    "FUZZ_MARKS",
     "Deep",
     "assert_useful_error",
     "corpus_files",
@@ -74,6 +75,13 @@ def fuzz_settings(weight: float = 1.0) -> settings:
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
+
+
+#: Marks of every fuzz module: the summary fixture, and no per-test time limit in the
+#: long profile (a long run takes minutes per test; ``timeout`` in pyproject is 300 s).
+FUZZ_MARKS = [pytest.mark.usefixtures("fuzz_summary")] + (
+    [pytest.mark.timeout(0)] if PROFILE == "long" else []
+)
 
 
 def count(target: str) -> None:

@@ -28,6 +28,7 @@ import pytest
 import xxhash
 import zstandard
 from fuzz_support import (
+    FUZZ_MARKS,
     assert_useful_error,
     corpus_json,
     count,
@@ -44,7 +45,7 @@ from acall.hashing import content_reference
 from acall.stores.memory import MemoryStore
 
 FUZZ_TARGETS = ["blob"]
-pytestmark = pytest.mark.usefixtures("fuzz_summary")
+pytestmark = FUZZ_MARKS
 
 Compression = Literal["none", "zlib", "zstd"]
 Entries = dict[str, bytes]
@@ -261,14 +262,14 @@ def mutations(draw: st.DrawFn) -> tuple[Entries, str, str, bool, bool]:
 
 
 @given(mutations())
-@fuzz_settings(1.0)
+@fuzz_settings(3.0)
 def test_mutated_blobs(case: tuple[Entries, str, str, bool, bool]) -> None:
     entries, ref, text, verify, _ = case
     read(entries, ref, text, verify=verify)
 
 
 @given(mutations(), st.sampled_from(["a" * 5000, "intact neighbour"]))
-@fuzz_settings(0.3)
+@fuzz_settings(1.0)
 def test_mutated_blob_fetched_with_an_intact_one(
     case: tuple[Entries, str, str, bool, bool], neighbour: str
 ) -> None:
@@ -280,7 +281,7 @@ def test_mutated_blob_fetched_with_an_intact_one(
 
 
 @given(st.binary(max_size=300), st.booleans())
-@fuzz_settings(0.3)
+@fuzz_settings(1.0)
 def test_random_bytes_under_a_reference(blob: bytes, framed: bool) -> None:
     ref = content_reference('"random"')
     if framed:  # past the magic, so the rest of the header is what gets tested

@@ -17,6 +17,7 @@ from typing import Any
 import attrs
 import pytest
 from fuzz_support import (
+    FUZZ_MARKS,
     assert_useful_error,
     corpus_files,
     count,
@@ -43,7 +44,7 @@ from acall import (
 from acall.dto import RECORD_VERSION
 
 FUZZ_TARGETS = ["dto"]
-pytestmark = pytest.mark.usefixtures("fuzz_summary")
+pytestmark = FUZZ_MARKS
 
 _CODECS = {True: DTOCodec(), False: DTOCodec(verify_args_id=False)}
 _CLASSES: tuple[type[CallDTO] | type[InvocationRecord], ...] = (CallDTO, InvocationRecord)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from fuzz_support import (
+    FUZZ_MARKS,
     Deep,
     assert_useful_error,
     corpus_json,
@@ -39,7 +40,7 @@ from acall.ids import NO_ARGS, is_valid_args_id
 from acall.stores.base import validate_key
 
 FUZZ_TARGETS = ["reference", "ids"]
-pytestmark = pytest.mark.usefixtures("fuzz_summary")
+pytestmark = FUZZ_MARKS
 
 HEX = "0123456789abcdef"
 _KEY_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")

@@ -27,6 +27,7 @@ import acall_serializer_cases as cases
 import pytest
 from acall_fuzz_events import EVENTS
 from fuzz_support import (
+    FUZZ_MARKS,
     assert_useful_error,
     corpus_files,
     corpus_json,
@@ -52,7 +53,7 @@ from acall.serializers import (
 )
 
 FUZZ_TARGETS = ["serializer", "no_exec"]
-pytestmark = pytest.mark.usefixtures("fuzz_summary")
+pytestmark = FUZZ_MARKS
 
 ENVELOPES = [ERROR_KEY, EXCEPTION_KEY, JSON_SERIALIZABLE_KEY, ENUM_KEY]
 _MENTIONS = ("JSON", "envelope", "exception", "member of", "from_json", "nested")
