@@ -9,11 +9,13 @@
 What it does:
 
 1. starts a throw-away ``redis-server`` (:class:`acall.testing.RedisServer`), unless
-   ``--redis URL`` names one; the run's keys then get a prefix of their own
-   (``soak-<run id>:``), which is deleted at the end unless ``--keep``;
+   ``--redis URL`` names one; the run's keys have a prefix of their own
+   (``soak-<run id>:``), deleted at the end from a ``--redis`` server unless ``--keep``;
 2. starts ``--workers`` worker processes, ``python -m acall worker
    bench._soak_tasks:app --broker URL --store URL --concurrency N``, and waits until
-   each one has run a warm-up task;
+   each one has run a warm-up task. Each worker sweeps unneeded blobs every
+   ``--sweep-interval`` seconds (30, so that sweeps run under the load; acall's default
+   is 600) with acall's grace period unless ``--sweep-grace`` shortens it;
 3. in this process (the client), ``--submitters`` coroutines share ``--invocations``
    invocations: each takes the next unit of work from one deterministic plan, submits
    it (``task.submit``, or ``submit_many`` for a batch of 10), awaits its results and
@@ -25,8 +27,8 @@ What it does:
 4. prints a progress line every few seconds (done/total, rate, RSS of the client and
    of each worker), then the figures: total, wall time, throughput, errors, lost, peak
    RSS (``VmHWM`` of ``/proc/PID/status``) of the client and of each worker, the
-   broker's counts, what is left in the queue structures, and the store's keys and
-   bytes.
+   broker's counts, what is left in the queue structures, the store's keys and bytes,
+   and the sweeps the workers made.
 
 It fails (exit status 1) when anything is wrong: a wrong result or exception, an
 invocation whose result never came (*lost*), broker counts that do not add up, queue
@@ -680,6 +682,22 @@ def _percentile_samples(samples: Sequence[Sample], total: int) -> list[Sample]:
     return chosen
 
 
+def _inspector(redis_url: str) -> Redis:
+    """A plain redis-py client for the soak's own look at the keys (not acall's: what is
+    counted must not depend on the code under test). Dropped connections are retried."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    return Redis.from_url(
+        redis_url,
+        decode_responses=True,
+        retry=Retry(ExponentialWithJitterBackoff(cap=0.5, base=0.05), 10),
+        retry_on_error=[ConnectionError, TimeoutError],
+    )
+
+
 async def _client(
     settings: SoakSettings,
     broker_url: str,
@@ -689,14 +707,12 @@ async def _client(
     store_prefix: str,
     workers: Sequence[Service],
 ) -> dict[str, Any]:
-    from redis.asyncio import Redis
-
     from bench._soak_tasks import app, blob_collection
 
     # The same collection settings as the workers': they set the codec's reuse window.
     app.blob_collection = blob_collection(settings.sweep_interval, settings.sweep_grace)
     app.configure(broker=broker_url, store=store_url)
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = _inspector(redis_url)
     stats = PlanStats()
     tally = Tally(settings.invocations)
     samples: list[Sample] = []
@@ -770,9 +786,7 @@ async def _cpu(client: Redis, workers: Sequence[Service]) -> dict[str, list[floa
 
 
 async def _delete_keys(redis_url: str, pattern: str) -> int:
-    from redis.asyncio import Redis
-
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = _inspector(redis_url)
     deleted = 0
     try:
         batch: list[str] = []
