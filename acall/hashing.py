@@ -49,11 +49,23 @@ _Layout = tuple[tuple[str, str], ...]
 _last: tuple[tuple[str, ...], _Layout] = ((), ())
 
 
+# Only layouts of at most this many names, of this many characters in all, are cached:
+# names also come from decoded (untrusted) documents, and a cache bounded by its entry
+# count alone kept every huge name list it was shown (4096 x megabytes).
+_CACHED_NAMES: Final = 64
+_CACHED_CHARS: Final = 1024
+
+
+def _cacheable(keys: tuple[str, ...]) -> bool:
+    return len(keys) <= _CACHED_NAMES and sum(map(len, keys)) <= _CACHED_CHARS
+
+
 def _layout(keys: tuple[str, ...]) -> _Layout:
     layout = tuple((key, _encode(key) + "=") for key in sorted(keys))
-    if len(_layouts) >= _LAYOUTS_MAX:
-        _layouts.clear()
-    _layouts[keys] = layout
+    if _cacheable(keys):
+        if len(_layouts) >= _LAYOUTS_MAX:
+            _layouts.clear()
+        _layouts[keys] = layout
     return layout
 
 
@@ -81,7 +93,8 @@ def compute_args_id(serialized_args: Mapping[str, str]) -> str:
         last_keys, layout = _last
         if keys != last_keys:
             layout = _layouts.get(keys) or _layout(keys)
-            _last = (keys, layout)
+            if len(layout) <= _CACHED_NAMES:
+                _last = (keys, layout)
         parts = [prefix + _encode(serialized_args[key]) for key, prefix in layout]
         # Joining with ";" and appending one more gives exactly the concatenation of
         # "key=value;" items, one string operation less than formatting each item.

@@ -214,6 +214,28 @@ def test_deep_values_as_keys(depth: int, kind: str) -> None:
     check_call_key(Deep(depth, kind))
 
 
+def test_args_id_memory_is_not_kept_for_huge_argument_lists() -> None:
+    """Decoded documents choose their argument names: hashing 30 documents of 20,000
+    distinct names each must not keep their layouts (the cache holds 4096 entries)."""
+    import gc
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        for i in range(30):
+            args = {f"n{i}_{j}": "1" for j in range(20_000)}
+            if i == 0:
+                assert compute_args_id(args) == _slow_args_id(args)
+            else:
+                compute_args_id(args)
+            del args
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert retained < 8 * 1024 * 1024, f"{retained / 2**20:.0f} MiB kept after hashing"
+
+
 # Values above 64 KiB take compute_args_id's large path (hashed in pieces).
 _large_texts = st.builds(
     lambda piece, n: (piece or "y") * (n // max(1, len(piece)) + 1),
