@@ -218,13 +218,36 @@ async def test_sqlite_schema_and_pragmas(tmp_path: Path) -> None:
             ("key", "TEXT", 0, 1),
             ("value", "BLOB", 1, 0),
             ("expires_at", "REAL", 0, 0),
+            ("used_at", "REAL", 0, 0),
         ]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        ((key, value, expires_at),) = conn.execute("SELECT * FROM acall_blobs").fetchall()
+        rows = conn.execute("SELECT * FROM acall_blobs").fetchall()
+        ((key, value, expires_at, used_at),) = rows
         assert (key, value) == ("k", b"v")
         assert time.time() + 50 < expires_at < time.time() + 70
+        assert time.time() - 10 < used_at <= time.time()
     finally:
         conn.close()
+
+
+async def test_sqlite_file_without_used_at_is_upgraded(tmp_path: Path) -> None:
+    """A blob table written before idle times existed gains the column on first use;
+    its old rows count as idle since forever."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(
+            "CREATE TABLE acall_blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL)"
+        )
+        conn.execute("INSERT INTO acall_blobs VALUES ('old', x'01', NULL)")
+    conn.close()
+    async with SqliteStore(path) as store, SqliteStore(path) as other:
+        # Two stores racing to upgrade the same file: both go on.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.put, "new", b"2")
+            tg.start_soon(other.get, "old")
+        assert await store.get_many(["old", "new"]) == [b"\x01", b"2"]
+        assert await store.delete_idle(["old", "new"], idle=60) == ["old"]
 
 
 async def test_sqlite_expired_rows_are_purged(tmp_path: Path) -> None:
