@@ -200,7 +200,7 @@ def mutations(draw: st.DrawFn) -> tuple[Entries, str, str, bool, bool]:
             entries[key] = (
                 blob[:pos] + bytes([blob[pos] ^ (1 << draw(st.integers(0, 7)))]) + blob[pos + 1 :]
             )
-        elif op == "flip_header" and ref in entries:
+        elif op == "flip_header" and entries.get(ref):
             main = entries[ref]
             pos = draw(st.integers(0, min(len(main), _HEADER.size + _MANIFEST.size) - 1))
             entries[ref] = main[:pos] + bytes([main[pos] ^ 0xFF]) + main[pos + 1 :]
