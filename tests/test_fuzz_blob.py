@@ -132,7 +132,7 @@ _chunk_sizes = st.sampled_from([1024, 1500, 4096, 16 * MiB])
 
 
 @given(_texts, _compressions, _chunk_sizes)
-@fuzz_settings(0.2)
+@fuzz_settings(0.5)
 def test_valid_blobs_decode(text: str, compression: Compression, chunk_size: int) -> None:
     ref, entries = write(text, compression, chunk_size)
     assert ref == content_reference(text)

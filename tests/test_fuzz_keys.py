@@ -190,7 +190,7 @@ def check_reference(value: Any) -> None:
 
 
 @given(mutated_strings(_references))
-@fuzz_settings(2.0)
+@fuzz_settings(4.0)
 @example(REFERENCE_PREFIX + "0" * 64 + "\n")
 @example(REFERENCE_PREFIX + "٣" * 64)
 @example(REFERENCE_PREFIX.upper() + "0" * 64)
@@ -200,7 +200,7 @@ def test_mutated_references(value: str) -> None:
 
 
 @given(st.one_of(_non_str, nasty_text, st.text(max_size=120)))
-@fuzz_settings(0.5)
+@fuzz_settings(1.0)
 def test_references_of_any_type(value: Any) -> None:
     check_reference(value)
 
@@ -262,7 +262,7 @@ def _slow_args_id(args: dict[str, str]) -> str:
         max_size=5,
     )
 )
-@fuzz_settings(0.5)
+@fuzz_settings(1.0)
 def test_args_id_of_decoded_arguments(args: dict[str, str]) -> None:
     """compute_args_id runs on decoded, untrusted serialized arguments."""
     count("reference")
