@@ -11,7 +11,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -19,11 +18,9 @@ from typing import Any
 import anyio
 
 from acall.errors import AcallError
+from acall.stores.base import KEY_PATTERN
 
 __all__ = ["load_app", "main"]
-
-
-_INVOCATION_ID = re.compile(r"[A-Za-z0-9_.\-]{1,256}")
 
 
 class CliError(Exception):
@@ -92,7 +89,8 @@ async def _run_inspect(args: argparse.Namespace) -> None:
         _configure(app, args.broker, args.store)
     async with app:
         target = args.key
-        record = await app.broker.get(target) if _INVOCATION_ID.fullmatch(target) else None
+        # Invocation ids may contain ':' like call keys do: try the id first.
+        record = await app.broker.get(target) if KEY_PATTERN.fullmatch(target) else None
         if record is None:
             try:
                 call_id = CallId.from_key(target)

@@ -35,6 +35,7 @@ against the stdlib conventions keeps working.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 
 __all__ = [
@@ -215,3 +216,16 @@ class RemoteTaskError(TaskError):
         super().__init__(f"{type_name}: {remote_message}")
         self.type_name = type_name
         self.remote_message = remote_message
+
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 120
+
+
+def short_repr(value: object) -> str:
+    """A repr of *value* for an error message: bounded in length and depth.
+
+    Values met in data may be deeply nested lists, whose plain ``repr()`` raises
+    ``RecursionError`` (and a huge one would flood the message).
+    """
+    return _short.repr(value)

@@ -621,7 +621,12 @@ def rebuild_exception(serializer: Serializer, record: InvocationRecord) -> BaseE
             loaded = serializer.loads(error.serialized)
         except (DeserializationError, SerializationError):
             loaded = None
-        if isinstance(loaded, BaseException):
+        if isinstance(loaded, StopIteration | StopAsyncIteration):
+            # Raised from a coroutine (handle.result()), these would turn into a bare
+            # "RuntimeError: coroutine raised StopIteration": keep them as the cause.
+            exc = RemoteTaskError(error.type_name, error.message)
+            exc.__cause__ = loaded
+        elif isinstance(loaded, BaseException):
             exc = loaded
     if exc is None:
         exc = RemoteTaskError(error.type_name, error.message)

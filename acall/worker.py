@@ -142,6 +142,25 @@ class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('invocation_id')} {extra.get('call_key')}] {msg}", kwargs
 
 
+class _StopRaised(Exception):
+    """A plain task function raised StopIteration or StopAsyncIteration in its thread.
+
+    Passed through a future and a coroutine as itself, it would become "RuntimeError:
+    coroutine raised StopIteration"; wrapped, the worker records the real exception.
+    """
+
+    def __init__(self, original: StopIteration | StopAsyncIteration) -> None:
+        super().__init__(repr(original))
+        self.original = original
+
+
+def _invoke_in_thread(task: Task[Any, Any], arguments: dict[str, Any]) -> Any:
+    try:
+        return task.invoke(arguments)
+    except (StopIteration, StopAsyncIteration) as exc:
+        raise _StopRaised(exc) from None
+
+
 class Worker:
     """Runs invocations of *app*'s tasks.
 
@@ -437,6 +456,9 @@ class Worker:
         except _Unreachable as exc:
             await self._postpone(delivery, running, exc.error, log)
             return
+        except _StopRaised as exc:
+            await self._failed(delivery, running, task, exc.original, log)
+            return
         except Exception as exc:
             await self._failed(delivery, running, task, exc, log)
             return
@@ -533,7 +555,7 @@ class Worker:
             # A thread cannot be interrupted: on timeout it is abandoned and its result
             # discarded; the limiter slot stays taken until it really returns.
             return await anyio.to_thread.run_sync(
-                task.invoke, arguments, limiter=self._threads, abandon_on_cancel=True
+                _invoke_in_thread, task, arguments, limiter=self._threads, abandon_on_cancel=True
             )
         assert scope.cancelled_caught
         raise TimeoutError(f"attempt {record.attempt} timed out after {timeout} s")

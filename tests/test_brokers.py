@@ -1471,3 +1471,12 @@ async def test_watch_final_first_yields_once_subscribed(broker: Broker) -> None:
         with anyio.fail_after(5):
             first = await stream.__anext__()
     assert first == set()
+
+
+async def test_deeply_nested_non_str_id_is_an_invalid_key_error() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    async with MemoryBroker() as broker:
+        with pytest.raises(InvalidKeyError, match="expected a str, got list"):
+            await broker.get(deep)  # type: ignore[arg-type]

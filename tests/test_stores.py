@@ -546,3 +546,12 @@ async def test_open_store_without_redis_package(tmp_path: Path) -> None:
 async def test_store_is_abstract() -> None:
     with pytest.raises(TypeError):
         Store("x://", max_value_size=1, default_ttl=None)  # type: ignore[abstract]
+
+
+async def test_deeply_nested_non_str_key_is_an_invalid_key_error() -> None:
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    async with MemoryStore() as store:
+        with pytest.raises(InvalidKeyError, match="keys must be str, got list"):
+            await store.get(deep)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from acall import (
     App,
     BlobNotFoundError,
     InvocationStatus,
+    RemoteTaskError,
     ResultTimeoutError,
     SerializationError,
     UnknownTaskError,
@@ -81,6 +82,19 @@ async def test_task_exception_comes_back_as_itself(app: App) -> None:
         assert record.status is InvocationStatus.FAILED
         assert record.error is not None
         assert record.error.type_name == "worker_app.CustomError"
+
+    await _with_worker(app, body)
+
+
+async def test_stop_iteration_comes_back_as_a_remote_task_error(app: App) -> None:
+    """Raised from result() as itself, it would become a bare RuntimeError."""
+
+    async def body() -> None:
+        h = await wa.stop_iterating.submit([])
+        with pytest.raises(RemoteTaskError, match="StopIteration") as info:
+            await h.result(timeout=5)
+        assert isinstance(info.value.__cause__, StopIteration)
+        assert await (await wa.stop_iterating.submit([7])).result(timeout=5) == 7
 
     await _with_worker(app, body)
 

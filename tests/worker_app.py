@@ -44,6 +44,11 @@ async def explode(message: str) -> None:
     raise CustomError(message)
 
 
+@app.task
+def stop_iterating(items: list[int]) -> int:
+    return next(iter(items))  # StopIteration for an empty list
+
+
 @app.task(retries=3, backoff=0.01, retry_on=(CustomError,))
 async def flaky(succeed_on: int) -> int:
     ctx = current_invocation()

@@ -18,7 +18,13 @@ from typing import Final
 
 from acall.brokers.base import Broker, DamagedRecord, Delivery, ScannedRecord
 from acall.dto import DTOCodec, InvocationRecord, InvocationStatus
-from acall.errors import BrokerError, ConfigurationError, DTOValidationError, InvalidKeyError
+from acall.errors import (
+    BrokerError,
+    ConfigurationError,
+    DTOValidationError,
+    InvalidKeyError,
+    short_repr,
+)
 from acall.ids import CallId
 from acall.stores.base import KEY_PATTERN
 
@@ -55,7 +61,7 @@ def check_name(value: object, what: str) -> str:
         return value
     if not isinstance(value, str):
         raise InvalidKeyError(
-            f"invalid {what} {value!r:.120}: expected a str, got {type(value).__name__}"
+            f"invalid {what} {short_repr(value)}: expected a str, got {type(value).__name__}"
         )
     raise InvalidKeyError(f"invalid {what} {value!r:.120}: use {_NAME_RULE}")
 
@@ -109,7 +115,9 @@ def _check_sequence(items: object, what: str) -> Sequence[object]:
             f"expected a sequence of {what}, got the single str {items!r:.120}; wrap it in a list"
         )
     if isinstance(items, bytes) or not isinstance(items, Sequence):
-        raise TypeError(f"expected a sequence of {what}, got {type(items).__name__} {items!r:.80}")
+        raise TypeError(
+            f"expected a sequence of {what}, got {type(items).__name__} {short_repr(items)}"
+        )
     return items
 
 
@@ -125,7 +133,7 @@ def _check_outcome(outcome: object) -> tuple[Delivery, InvocationRecord]:
     if not isinstance(outcome, tuple | list) or len(outcome) != 2:
         raise TypeError(
             f"expected (Delivery, InvocationRecord) pairs, got {type(outcome).__name__} "
-            f"{outcome!r:.80}"
+            f"{short_repr(outcome)}"
         )
     delivery = _check_delivery(outcome[0])
     record = _check_record(outcome[1], action="finish with")

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Final, Self
 
-from acall.errors import ConfigurationError, InvalidKeyError, StoreError
+from acall.errors import ConfigurationError, InvalidKeyError, StoreError, short_repr
 
 __all__ = [
     "KEY_PATTERN",
@@ -48,7 +48,7 @@ def validate_key(key: object) -> str:
         return key
     if not isinstance(key, str):
         raise InvalidKeyError(
-            f"invalid store key {key!r:.120}: keys must be str, got {type(key).__name__}"
+            f"invalid store key {short_repr(key)}: keys must be str, got {type(key).__name__}"
         )
     raise InvalidKeyError(f"invalid store key {key!r:.120}: keys must be {_KEY_RULE}")
 
@@ -57,7 +57,7 @@ def _validate_prefix(prefix: object) -> str:
     if isinstance(prefix, str) and _PREFIX_PATTERN.fullmatch(prefix) is not None:
         return prefix
     raise InvalidKeyError(
-        f"invalid scan prefix {prefix!r:.120}: a prefix must be empty or a valid key "
+        f"invalid scan prefix {short_repr(prefix)}: a prefix must be empty or a valid key "
         f"start ({_KEY_RULE})"
     )
 
