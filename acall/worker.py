@@ -142,6 +142,9 @@ class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('invocation_id')} {extra.get('call_key')}] {msg}", kwargs
 
 
+_UNREACHABLE: Final = (StoreUnavailableError, BrokerUnavailableError)
+
+
 class _StopRaised(Exception):
     """A plain task function raised StopIteration or StopAsyncIteration in its thread.
 
@@ -431,7 +434,8 @@ class Worker:
             self.stats.duplicates += 1
             await broker.ack(delivery)
             return
-        log.debug("attempt %d started", running.attempt)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("attempt %d started", running.attempt)
         task = self.app.get_task(running.call_id.task_id.key)
         started = time.perf_counter()
         try:
@@ -446,11 +450,20 @@ class Worker:
                     "worker's app (is its module imported by the app module?)"
                 )
             lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, self.app.codec, running.call)
-            arguments = await self._reaching(lazy.arguments())
+            # The worker's own I/O (loading the arguments, storing the result): an
+            # unreachable backend there is not an error of the task, which may raise
+            # the same types itself. (Inline, not a helper: this is the hot path.)
+            try:
+                arguments = await lazy.arguments()
+            except _UNREACHABLE as exc:
+                raise _Unreachable(exc) from exc
             value = await self._execute(task, running, arguments)
-            serialized = await self._reaching(
-                self.app.codec.encode(task.unstructure_result(value), name="<result>")
-            )
+            try:
+                serialized = await self.app.codec.encode(
+                    task.unstructure_result(value), name="<result>"
+                )
+            except _UNREACHABLE as exc:
+                raise _Unreachable(exc) from exc
         except anyio.get_cancelled_exc_class():
             raise
         except _Unreachable as exc:
@@ -469,22 +482,15 @@ class Worker:
             error=None,
             updated_at=time.time(),
         )
-        await self._persist(
-            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, done))
-        )
+        try:
+            await submit_to_batch(self._finisher, (delivery, done))
+        except BrokerUnavailableError:
+            await self._persist(
+                "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, done))
+            )
         self.stats.succeeded += 1
         if log.isEnabledFor(logging.INFO):
             log.info("succeeded in %.3f s", time.perf_counter() - started)
-
-    @staticmethod
-    async def _reaching(operation: Awaitable[_T]) -> _T:
-        """Await the worker's own I/O for an invocation (loading its arguments, storing
-        its result); an unreachable backend raises :class:`_Unreachable`, so that it is
-        not mistaken for an error of the task (which may raise the same types)."""
-        try:
-            return await operation
-        except (StoreUnavailableError, BrokerUnavailableError) as exc:
-            raise _Unreachable(exc) from exc
 
     async def _persist(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
         """Run a broker write, riding out a broker that is briefly unreachable (a

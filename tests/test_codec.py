@@ -16,7 +16,7 @@ import xxhash
 from helpers import CountingStore
 
 from acall import BlobCorruptedError, BlobNotFoundError, ConfigurationError, InvalidKeyError
-from acall.codec import OffloadCodec, OffloadSettings
+from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings, estimate_chars
 from acall.hashing import REFERENCE_PREFIX, content_reference
 from acall.stores import Store, open_store
 
@@ -50,6 +50,23 @@ async def test_offload_threshold_in_characters(store: Store, length: int) -> Non
         assert await store.exists(out)
     else:
         assert out == text
+
+
+@pytest.mark.parametrize(("count", "offloaded"), [(300, False), (400, True)])
+async def test_values_sent_to_a_thread_by_their_estimate_follow_the_rule(
+    store: Store, count: int, offloaded: bool
+) -> None:
+    """Too many items to inspect quickly: encoded (and hashed) in a thread, yet the
+    offload rule is still the exact length of the text."""
+    codec = OffloadCodec(store)
+    value = [0] * count
+    assert estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS
+    text = json.dumps(value)
+    assert (len(text) >= 1024) is offloaded
+    out = await codec.encode(value)
+    assert out == (content_reference(text) if offloaded else text)
+    assert await codec.decode(out) == value
+    assert [k async for k in store.scan()] == ([out] if offloaded else [])
 
 
 async def test_max_size_keeps_inline_with_warning(
