@@ -31,11 +31,9 @@ more than the work.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import io
 import logging
-import queue
 import struct
 import time
 import zlib
@@ -221,103 +219,36 @@ def _compressor(settings: OffloadSettings) -> Any:
     return None
 
 
-class _Digest:
-    """SHA-256, xxh3 and (optional) compression of a stream of UTF-8 pieces."""
-
-    def __init__(self, settings: OffloadSettings) -> None:
-        self.sha = hashlib.sha256()
-        self.xxh = xxhash.xxh3_64()
-        self.comp = _compressor(settings)
-        self.stored: list[bytes] = []
-
-    def update(self, data: bytes) -> None:
-        self.sha.update(data)
-        self.xxh.update(data)
-        if self.comp is None:
-            self.stored.append(data)
-        elif out := self.comp.compress(data):
-            self.stored.append(out)
-
-    def finish(self) -> tuple[str, int, tuple[bytes, ...]]:
-        if self.comp is not None:
-            self.stored.append(self.comp.flush())
-        return self.sha.hexdigest(), self.xxh.intdigest(), tuple(self.stored)
-
-
-class _DigestThread:
-    """Runs a :class:`_Digest` in a helper thread, fed piece by piece.
-
-    JSON encoding holds the GIL; SHA-256 and zlib release it on large buffers. Hashing
-    piece *n* while the caller encodes piece *n + 1* hides most of the hashing time.
-    """
-
-    _STOP: Final = b""
-
-    def __init__(self, settings: OffloadSettings) -> None:
-        self._digest = _Digest(settings)
-        self._pieces: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._done = _DIGEST_POOL.submit(self._run)
-
-    def _run(self) -> tuple[str, int, tuple[bytes, ...]] | None:
-        while (data := self._pieces.get()) is not None:
-            if data is self._STOP:
-                return self._digest.finish()
-            self._digest.update(data)
-        return None  # abandoned
-
-    def feed(self, data: bytes) -> None:
-        if data:  # an empty piece would read as the end
-            self._pieces.put(data)
-
-    def finish(self) -> tuple[str, int, tuple[bytes, ...]]:
-        self._pieces.put(self._STOP)
-        result = self._done.result()
-        assert result is not None
-        return result
-
-    def abandon(self) -> None:
-        self._pieces.put(None)
-
-
-#: Helper threads hashing large values while they are encoded (one per value at a time).
-_DIGEST_POOL: Final = concurrent.futures.ThreadPoolExecutor(
-    max_workers=8, thread_name_prefix="acall-digest"
-)
-
-
 def _prepare_pieces(
     pieces: Iterable[str], settings: OffloadSettings, *, in_thread: bool
 ) -> tuple[str, int, int, tuple[bytes, ...], int]:
     """Hash, checksum and (optionally) compress text pieces without joining them.
 
-    In a worker thread (large values), the hashing runs in a helper thread while the
-    next piece is encoded. Returns (sha256 hex, raw byte length, xxh3 checksum, stored
-    pieces, char length).
+    Returns (sha256 hex, raw byte length, xxh3 checksum, stored pieces, char length).
     """
+    sha = hashlib.sha256()
+    xxh = xxhash.xxh3_64()
+    comp = _compressor(settings)
+    stored: list[bytes] = []
     raw_len = 0
     chars = 0
-    if not in_thread:
-        digest = _Digest(settings)
-        for piece in pieces:
-            chars += len(piece)
-            data = piece.encode("utf-8")
-            raw_len += len(data)
-            digest.update(data)
-        sha_hex, checksum, stored = digest.finish()
-        return sha_hex, raw_len, checksum, stored, chars
-    helper = _DigestThread(settings)
-    try:
-        for piece in pieces:
+    for piece in pieces:
+        if in_thread:
             anyio.from_thread.check_cancelled()
-            chars += len(piece)
-            data = piece.encode("utf-8")
-            raw_len += len(data)
-            helper.feed(data)
-    except BaseException:
-        helper.abandon()
-        raise
-    sha_hex, checksum, stored = helper.finish()
-    return sha_hex, raw_len, checksum, stored, chars
+        chars += len(piece)
+        data = piece.encode("utf-8")
+        raw_len += len(data)
+        sha.update(data)
+        xxh.update(data)
+        if comp is not None:
+            out = comp.compress(data)
+            if out:
+                stored.append(out)
+        else:
+            stored.append(data)
+    if comp is not None:
+        stored.append(comp.flush())
+    return sha.hexdigest(), raw_len, xxh.intdigest(), tuple(stored), chars
 
 
 def _frame_single(prep: Prepared) -> bytes:
@@ -611,19 +542,11 @@ class OffloadCodec:
         )
         if not offload:
             return Prepared(inline=self._join(pieces))
-        if self.settings.max_size_to_offload:
-            # Whether it is offloaded depends on its length: know it before hashing.
-            pieces = list(_checked(pieces))
-            if not self._should_offload(sum(map(len, pieces))):
-                return Prepared(inline="".join(pieces))
-            return self._prepared_reference(pieces, in_thread=True)
-        # Hash while encoding. The pieces are kept: the estimate that sent the value
-        # here may be far too high, and a short text must stay inline.
-        kept: list[str] = []
-        prep = self._prepared_reference(_kept(_checked(pieces), kept), in_thread=True)
-        if not self._should_offload(sum(map(len, kept))):
-            return Prepared(inline="".join(kept))
-        return prep
+        pieces = list(_checked(pieces))
+        chars = sum(map(len, pieces))
+        if not self._should_offload(chars):
+            return Prepared(inline="".join(pieces))
+        return self._prepared_reference(pieces, in_thread=True)
 
     @staticmethod
     def _join(pieces: Iterable[str]) -> str:
@@ -647,7 +570,7 @@ class OffloadCodec:
             return Prepared(inline=text)
         return self._prepared_reference((text,), in_thread=in_thread)
 
-    def _prepared_reference(self, pieces: Iterable[str], *, in_thread: bool) -> Prepared:
+    def _prepared_reference(self, pieces: Sequence[str], *, in_thread: bool) -> Prepared:
         digest, raw_len, checksum, stored, _ = _prepare_pieces(
             pieces, self.settings, in_thread=in_thread
         )
@@ -861,12 +784,6 @@ class OffloadCodec:
         if serialized.startswith(REFERENCE_PREFIX):
             serialized = (await self.fetch_texts([serialized]))[serialized]
         return await self.loads(serialized)
-
-
-def _kept(pieces: Iterable[str], into: list[str]) -> Iterator[str]:
-    for piece in pieces:
-        into.append(piece)
-        yield piece
 
 
 def _checked(pieces: Iterable[str]) -> Iterator[str]:
