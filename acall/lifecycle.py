@@ -50,13 +50,16 @@ from acall.errors import AcallError, ConfigurationError
 from acall.hashing import REFERENCE_PREFIX, is_reference
 from acall.stores.base import Store
 
-__all__ = ["BlobCollection", "BlobCollector", "SweepReport", "references_of"]
+__all__ = ["LAST_SWEEP_KEY", "BlobCollection", "BlobCollector", "SweepReport", "references_of"]
 
 logger = logging.getLogger("acall.lifecycle")
 
 _ANY_REFERENCE: Final = re.compile(re.escape(REFERENCE_PREFIX) + "[0-9a-f]{64}")
 _CHUNK: Final = re.compile(re.escape(REFERENCE_PREFIX) + r"([0-9a-f]{64}):[0-9]+")
 _DELETE_BATCH: Final = 1000
+
+#: Store key holding the wall-clock time of the last sweep (shared by the workers).
+LAST_SWEEP_KEY: Final = "acall.lifecycle.last-sweep"
 
 
 def _check_seconds(value: object, what: str) -> None:
@@ -246,20 +249,44 @@ class BlobCollector:
             gone.extend(await self.store.delete_idle(batch, self.settings.grace))
         return gone
 
+    async def sweep_if_due(self) -> SweepReport | None:
+        """Sweep unless another collector on the same store swept within the interval.
+
+        The time of the last sweep is kept in the store (key :data:`LAST_SWEEP_KEY`), so
+        the workers of a cluster share the work instead of each reading every record
+        every interval. Best effort: two collectors may still sweep at the same moment
+        now and then, which is harmless (deletes are conditional per key).
+
+        :returns: the sweep's report, or ``None`` if it was not due.
+        """
+        raw = await self.store.get(LAST_SWEEP_KEY)
+        now = time.time()
+        if raw is not None:
+            try:
+                last = float(raw)
+            except ValueError:  # not ours to trust: sweep, and write it anew
+                last = -math.inf
+            if 0 <= now - last < self.settings.interval * 0.9:
+                return None
+        await self.store.put(LAST_SWEEP_KEY, repr(now).encode("ascii"))
+        return await self.sweep()
+
     async def run(self) -> None:
         """Sweep every ``interval`` seconds until cancelled; failures are logged, not raised.
 
         The first sweep waits a random part of the interval, so workers started
-        together spread their sweeps.
+        together spread their sweeps; a sweep another worker made within the interval
+        counts for all (:meth:`sweep_if_due`).
         """
         interval = self.settings.interval
         await anyio.sleep(random.uniform(0.25, 1.0) * interval)  # jitter, not security
         while True:
             try:
-                done = await self.sweep()
+                done = await self.sweep_if_due()
             except AcallError as exc:
                 logger.warning("blob sweep failed (retrying in %g s): %s", interval, exc)
             else:
-                level = logging.INFO if done.deleted_blobs or done.skipped else logging.DEBUG
-                logger.log(level, "blob sweep: %s", done)
+                if done is not None:
+                    level = logging.INFO if done.deleted_blobs or done.skipped else logging.DEBUG
+                    logger.log(level, "blob sweep: %s", done)
             await anyio.sleep(interval)

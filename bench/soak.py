@@ -590,6 +590,8 @@ async def _count_keys(client: Redis, pattern: str, *, sizes: bool = False) -> tu
 async def _end_state(
     app: Any, client: Redis, broker_prefix: str, store_prefix: str
 ) -> dict[str, Any]:
+    from acall.hashing import REFERENCE_PREFIX
+
     counts = await app.broker.counts()
     pending = await app.broker.pending_count(QUEUE)
     stream = f"{broker_prefix}q:{QUEUE}"
@@ -598,7 +600,11 @@ async def _end_state(
     if stream_len or await client.exists(stream):
         summary = await client.xpending(stream, "acall-workers")
         group_pending = int(summary["pending"])
-    store_keys, store_bytes = await _count_keys(client, f"{store_prefix}*", sizes=True)
+    # Offloaded values only: the store also keeps small bookkeeping keys (the time of
+    # the last blob sweep).
+    store_keys, store_bytes = await _count_keys(
+        client, f"{store_prefix}{REFERENCE_PREFIX}*", sizes=True
+    )
     records, _ = await _count_keys(client, f"{broker_prefix}inv:*")
     dedup, _ = await _count_keys(client, f"{broker_prefix}dedup:*")
     memory = await client.info("memory")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -21,7 +22,13 @@ from acall.dto import CallDTO, InvocationRecord
 from acall.errors import ConfigurationError
 from acall.hashing import REFERENCE_PREFIX, compute_args_id, content_reference
 from acall.ids import CallId, TaskId
-from acall.lifecycle import BlobCollection, BlobCollector, SweepReport, references_of
+from acall.lifecycle import (
+    LAST_SWEEP_KEY,
+    BlobCollection,
+    BlobCollector,
+    SweepReport,
+    references_of,
+)
 from acall.stores import MemoryStore, Store, open_store
 from acall.worker import Worker
 
@@ -363,3 +370,22 @@ async def test_acall_collect_command(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert "grace" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+async def test_collectors_on_one_store_share_the_sweeps() -> None:
+    store, broker = MemoryStore(), MemoryBroker()
+    settings = BlobCollection(grace=60, interval=0.3)
+    first, second = BlobCollector(broker, store, settings), BlobCollector(broker, store, settings)
+    assert await first.sweep_if_due() is not None
+    # Another worker's sweep within the interval counts for this one too.
+    assert await second.sweep_if_due() is None
+    assert await first.sweep_if_due() is None
+    await anyio.sleep(0.35)
+    assert await second.sweep_if_due() is not None
+    assert await first.sweep_if_due() is None
+    # Whatever else sits under the key is no reason to stop sweeping.
+    await store.put(LAST_SWEEP_KEY, b"not a time")
+    assert await first.sweep_if_due() is not None
+    stamp = await store.get(LAST_SWEEP_KEY)
+    assert stamp is not None
+    assert abs(float(stamp) - time.time()) < 5
