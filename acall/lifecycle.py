@@ -108,8 +108,9 @@ class SweepReport:
     :ivar live: distinct references some record needs.
     :ivar blobs: blob keys (single blobs and chunk manifests) found in the store.
     :ivar chunks: chunk keys found in the store.
-    :ivar deleted_blobs: blobs deleted (or, with ``dry_run``, that would be).
-    :ivar deleted_chunks: chunks deleted (or that would be).
+    :ivar deleted_blobs: blobs deleted (with ``dry_run``: blobs no record needs,
+        whatever their idle time).
+    :ivar deleted_chunks: chunks deleted (with ``dry_run``: chunks of such blobs).
     :ivar kept_recent: unneeded keys kept because they were used within the grace period.
     :ivar seconds: how long the sweep took.
     :ivar skipped: why nothing was deleted, if so (``None`` when deletion ran).
@@ -214,10 +215,12 @@ class BlobCollector:
             self.last_report = done
             return done
 
+        # Safe only while the whole sweep stays well inside the grace period: a record
+        # submitted after the scan began may refer to a blob it saw as unneeded, last
+        # used up to a reuse window (a quarter of the grace) before that submission.
+        deadline = started + grace / 2
         elapsed = time.monotonic() - started
         if elapsed > grace / 2:
-            # A record submitted after the scan began may refer to a blob last used
-            # more than a grace period before the deletion: not safe to go on.
             return report(
                 0,
                 0,
@@ -228,7 +231,7 @@ class BlobCollector:
         if dry_run:
             orphans = [key for ref, keys in chunks.items() if ref not in live for key in keys]
             return report(len(unneeded), len(orphans), 0, "dry run")
-        gone = set(await self._delete_idle(unneeded))
+        gone = set(await self._delete_idle(unneeded, deadline))
         present = set(blobs) - gone
         # Chunks go only once their manifest is gone: a manifest touched for reuse keeps
         # its chunks, however long ago they were written.
@@ -238,13 +241,21 @@ class BlobCollector:
             if ref not in live and ref not in present
             for key in keys
         ]
-        gone_chunks = await self._delete_idle(orphans)
+        gone_chunks = await self._delete_idle(orphans, deadline)
         kept = len(unneeded) - len(gone) + len(orphans) - len(gone_chunks)
-        return report(len(gone), len(gone_chunks), kept, None)
+        late = time.monotonic() > deadline
+        return report(
+            len(gone),
+            len(gone_chunks),
+            kept,
+            "deleting ran past half the grace period and stopped" if late else None,
+        )
 
-    async def _delete_idle(self, keys: Sequence[str]) -> list[str]:
+    async def _delete_idle(self, keys: Sequence[str], deadline: float) -> list[str]:
         gone: list[str] = []
         for start in range(0, len(keys), _DELETE_BATCH):
+            if time.monotonic() > deadline:
+                break
             batch = keys[start : start + _DELETE_BATCH]
             gone.extend(await self.store.delete_idle(batch, self.settings.grace))
         return gone

@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -389,3 +389,24 @@ async def test_collectors_on_one_store_share_the_sweeps() -> None:
     stamp = await store.get(LAST_SWEEP_KEY)
     assert stamp is not None
     assert abs(float(stamp) - time.time()) < 5
+
+
+class _SlowDeleteStore(MemoryStore):
+    """A real memory store whose conditional deletes take a while (a slow link)."""
+
+    async def _delete_idle(self, keys: Sequence[str], idle: float) -> list[str]:
+        await anyio.sleep(0.3)
+        return await super()._delete_idle(keys, idle)
+
+
+async def test_deleting_stops_at_half_the_grace_period() -> None:
+    store, broker = _SlowDeleteStore(), MemoryBroker()
+    refs = [content_reference(f"value {i}") for i in range(1500)]
+    await store.put_many(dict.fromkeys(refs, b"blob"))
+    await anyio.sleep(0.45)
+    report = await BlobCollector(broker, store, BlobCollection(grace=0.4)).sweep()
+    # The first batch of 1,000 started in time; the next one would have started late.
+    assert report.deleted_blobs == 1000
+    assert report.skipped is not None
+    assert "stopped" in report.skipped
+    assert len(await _blob_keys(store)) == 500
