@@ -38,7 +38,7 @@ import attrs
 from acall._concurrency import GroupCommit
 from acall.brokers.base import Delivery
 from acall.calls import LazyCall
-from acall.dto import InvocationRecord, InvocationStatus
+from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus
 from acall.errors import (
     AcallError,
     ArgumentTypeError,
@@ -482,12 +482,7 @@ class Worker:
             error=None,
             updated_at=time.time(),
         )
-        try:
-            await submit_to_batch(self._finisher, (delivery, done))
-        except BrokerUnavailableError:
-            await self._persist(
-                "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, done))
-            )
+        await self._record_outcome(delivery, done)
         self.stats.succeeded += 1
         if log.isEnabledFor(logging.INFO):
             log.info("succeeded in %.3f s", time.perf_counter() - started)
@@ -495,23 +490,47 @@ class Worker:
     async def _persist(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
         """Run a broker write, riding out a broker that is briefly unreachable (a
         restart, a lock held by another process) for a while before giving up."""
+        try:
+            return await write()  # the usual case: nothing else to set up (hot path)
+        except BrokerUnavailableError as exc:
+            error = exc
         deadline = time.monotonic() + max(_OUTCOME_PATIENCE, self.visibility_timeout)
         delay = 0.1
         while True:
+            if time.monotonic() + delay > deadline:
+                raise error
+            logger.warning("could not %s (%s); trying again in %.1f s", what, error, delay)
+            await anyio.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, 5.0)
             try:
                 return await write()
             except BrokerUnavailableError as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("could not %s (%s); trying again in %.1f s", what, exc, delay)
-            await anyio.sleep(delay * random.uniform(0.75, 1.25))
-            delay = min(delay * 2, 5.0)
+                error = exc
 
     async def _record_outcome(self, delivery: Delivery, record: InvocationRecord) -> None:
         """Record a final outcome and acknowledge the entry (batched with other outcomes)."""
         await self._persist(
             "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, record))
         )
+
+    async def _schedule_retry(
+        self,
+        delivery: Delivery,
+        record: InvocationRecord,
+        info: ErrorInfo,
+        delay: float,
+        what: str,
+    ) -> None:
+        """Mark the invocation RETRYING with *info* and enqueue it again after *delay*."""
+        now = time.time()
+        retrying = attrs.evolve(
+            record,
+            status=InvocationStatus.RETRYING,
+            error=info,
+            not_before=now + delay,
+            updated_at=now,
+        )
+        await self._persist(what, lambda: self.app.broker.retry(delivery, retrying, delay))
 
     async def _postpone(
         self,
@@ -528,17 +547,8 @@ class Worker:
         first, longest = _UNREACHABLE_BACKOFF
         delay = min(longest, first * 2.0 ** min(max(record.attempt - 1, 0), 16))
         delay *= random.uniform(0.75, 1.25)
-        now = time.time()
-        retrying = attrs.evolve(
-            record,
-            status=InvocationStatus.RETRYING,
-            error=error_info(self.app.serializer, exc),
-            not_before=now + delay,
-            updated_at=now,
-        )
-        await self._persist(
-            "put it back in its queue", lambda: self.app.broker.retry(delivery, retrying, delay)
-        )
+        info = error_info(self.app.serializer, exc)
+        await self._schedule_retry(delivery, record, info, delay, "put it back in its queue")
         self.stats.postponed += 1
         log.warning(
             "attempt %d could not run (%s); trying again in %.2f s", record.attempt, exc, delay
@@ -584,16 +594,7 @@ class Worker:
         if retry:
             assert task is not None
             delay = task.options.retry.delay(record.attempt)
-            retrying = attrs.evolve(
-                record,
-                status=InvocationStatus.RETRYING,
-                error=info,
-                not_before=now + delay,
-                updated_at=now,
-            )
-            await self._persist(
-                "schedule its retry", lambda: self.app.broker.retry(delivery, retrying, delay)
-            )
+            await self._schedule_retry(delivery, record, info, delay, "schedule its retry")
             self.stats.retried += 1
             log.warning(
                 "attempt %d failed (%s: %s); retrying in %.2f s",
@@ -604,8 +605,6 @@ class Worker:
             )
             return
         failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
-        await self._persist(
-            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, failed))
-        )
+        await self._record_outcome(delivery, failed)
         self.stats.failed += 1
         log.warning("failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+import worker_app as wa
 
+from acall import App
 from acall.testing import RedisServer
 
 _DATABASES = 64
@@ -46,6 +49,25 @@ def redis_url(redis_server: RedisServer) -> str:
     db = next(_db_numbers)
     redis_server.flushdb(db)
     return redis_server.url_for(db)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A broker (and store) URL shared across processes: a fresh SQLite file, or an
+    empty Redis database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'acall.db'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+async def app(backend_url: str) -> AsyncIterator[App]:
+    """tests/worker_app.py's app on *backend_url* (modules with an ``app`` fixture of
+    their own use that one)."""
+    wa.app.configure(broker=backend_url)
+    async with wa.app:
+        yield wa.app
 
 
 # Hypothesis profiles of the fuzz tests (tests/test_fuzz_*.py, see docs/security.md),

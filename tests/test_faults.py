@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,24 +51,6 @@ from acall.testing import RedisServer
 from acall.worker import Worker
 
 pytestmark = pytest.mark.slow
-
-BACKENDS = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A broker (and store) URL: a fresh SQLite file, or an empty Redis database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/acall.db"
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
-@pytest.fixture
-async def app(backend_url: str) -> AsyncIterator[App]:
-    wa.app.configure(broker=backend_url)
-    async with wa.app:
-        yield wa.app
 
 
 @pytest.fixture

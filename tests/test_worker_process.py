@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -18,24 +18,9 @@ from acall import App, InvocationStatus
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def broker_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/broker.db"
-    url: str = request.getfixturevalue("redis_url")
-    return url
-
-
 @pytest.fixture
-async def app(broker_url: str) -> AsyncIterator[App]:
-    wa.app.configure(broker=broker_url)
-    async with wa.app:
-        yield wa.app
-
-
-@pytest.fixture
-def workers(broker_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
-    with WorkerPool(broker_url, tmp_path) as pool:
+def workers(backend_url: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    with WorkerPool(backend_url, tmp_path) as pool:
         yield pool
 
 
