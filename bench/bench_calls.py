@@ -304,46 +304,46 @@ def _cold_pair(
 
 def _offload(settings: Settings, acall: _Acall, pynenc: _Pynenc) -> Iterator[Figure]:
     """10 MB arguments offloaded to the memory store: one str, four strs, dicts."""
-    one = {"payload": text_of_size(10_000_000)}
-    contenders, nbytes = _cold_pair("1 x 10 MB str", big_task, one, acall, pynenc)
-    yield compare(
-        GROUP,
-        "offload 1 x 10 MB str",
-        measure(contenders, settings),
-        "acall",
-        "pynenc",
-        metric="mbps",
-        nbytes=nbytes,
-        target=Target(">=", 1.3, "acall MB/s >= 1.3x pynenc's (one 10 MB str offloaded)"),
-    )
-    del one, contenders
-
-    four = {name: text_of_size(10_000_000, tag=f"{name}:") for name in "abcd"}
-    contenders, nbytes = _cold_pair("4 x 10 MB str", four_task, four, acall, pynenc)
-    yield compare(
-        GROUP,
-        "offload 4 x 10 MB str, one call",
-        measure(contenders, settings),
-        "acall",
-        "pynenc",
-        metric="mbps",
-        nbytes=nbytes,
-        target=Target(">=", 1.6, "acall MB/s >= 1.6x pynenc's (four 10 MB strs in one call)"),
-    )
-    del four, contenders
-
-    dicts = {"payload": make_records(10_000_000)}
-    contenders, nbytes = _cold_pair("10 MB dicts", big_task, dicts, acall, pynenc)
-    yield compare(
-        GROUP,
-        "offload 10 MB dicts",
-        measure(contenders, settings),
-        "acall",
-        "pynenc",
-        metric="mbps",
-        nbytes=nbytes,
-        target=Target(">=", 5, "acall MB/s >= 5x pynenc's (10 MB list of small dicts offloaded)"),
-    )
+    # Each payload is built just before its figure and dropped after it (10-40 MB each).
+    cases: list[tuple[str, str, Callable[..., Any], Callable[[], dict[str, Any]], float, str]] = [
+        (
+            "1 x 10 MB str",
+            "offload 1 x 10 MB str",
+            big_task,
+            lambda: {"payload": text_of_size(10_000_000)},
+            1.3,
+            "acall MB/s >= 1.3x pynenc's (one 10 MB str offloaded)",
+        ),
+        (
+            "4 x 10 MB str",
+            "offload 4 x 10 MB str, one call",
+            four_task,
+            lambda: {name: text_of_size(10_000_000, tag=f"{name}:") for name in "abcd"},
+            1.6,
+            "acall MB/s >= 1.6x pynenc's (four 10 MB strs in one call)",
+        ),
+        (
+            "10 MB dicts",
+            "offload 10 MB dicts",
+            big_task,
+            lambda: {"payload": make_records(10_000_000)},
+            5,
+            "acall MB/s >= 5x pynenc's (10 MB list of small dicts offloaded)",
+        ),
+    ]
+    for what, figure, func, make, ratio, target in cases:
+        contenders, nbytes = _cold_pair(what, func, make(), acall, pynenc)
+        yield compare(
+            GROUP,
+            figure,
+            measure(contenders, settings),
+            "acall",
+            "pynenc",
+            metric="mbps",
+            nbytes=nbytes,
+            target=Target(">=", ratio, target),
+        )
+        del contenders
 
 
 def _shared(settings: Settings, acall: _Acall, pynenc: _Pynenc) -> Iterator[Figure]:
