@@ -59,6 +59,18 @@ def _configure(app: Any, broker: str | None, store: str | None) -> None:
         app.configure(broker=app.broker, store=store)
 
 
+def _app_of(args: argparse.Namespace) -> Any:
+    """``--app MODULE:APP`` (with ``--broker`` / ``--store`` applied), or a plain app on
+    ``--broker`` (default ``sqlite:///acall.db``) and ``--store``."""
+    from acall.tasks import App
+
+    if not args.app:
+        return App(args.broker or "sqlite:///acall.db", args.store)
+    app = load_app(args.app)
+    _configure(app, args.broker, args.store)
+    return app
+
+
 async def _run_worker(args: argparse.Namespace) -> None:
     from acall.worker import Worker
 
@@ -82,11 +94,9 @@ async def _run_inspect(args: argparse.Namespace) -> None:
     from acall.dto import DTOCodec
     from acall.errors import InvalidKeyError
     from acall.ids import CallId
-    from acall.tasks import App, rebuild_exception
+    from acall.tasks import rebuild_exception
 
-    app = load_app(args.app) if args.app else App(args.broker or "sqlite:///acall.db", args.store)
-    if args.app:
-        _configure(app, args.broker, args.store)
+    app = _app_of(args)
     async with app:
         target = args.key
         # Invocation ids may contain ':' like call keys do: try the id first.
@@ -125,11 +135,8 @@ async def _resolve(app: Any, serialized: str) -> Any:
 
 async def _run_collect(args: argparse.Namespace) -> None:
     from acall.lifecycle import BlobCollection, BlobCollector
-    from acall.tasks import App
 
-    app = load_app(args.app) if args.app else App(args.broker or "sqlite:///acall.db", args.store)
-    if args.app:
-        _configure(app, args.broker, args.store)
+    app = _app_of(args)
     settings = app.blob_collection or BlobCollection()
     if args.grace is not None:
         settings = BlobCollection(

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import struct
 import time
 import zlib
@@ -53,11 +54,19 @@ from acall.errors import (
     BlobNotFoundError,
     ConfigurationError,
 )
-from acall.hashing import REFERENCE_PREFIX, validate_reference
+from acall.hashing import REFERENCE_PATTERN, REFERENCE_PREFIX, validate_reference
 from acall.serializers import JsonSerializer, Serializer
 from acall.stores.base import Store
 
-__all__ = ["Compression", "OffloadCodec", "OffloadSettings", "Prepared", "estimate_chars"]
+__all__ = [
+    "Compression",
+    "OffloadCodec",
+    "OffloadSettings",
+    "Prepared",
+    "chunk_key",
+    "chunk_owner",
+    "estimate_chars",
+]
 
 logger = logging.getLogger("acall.codec")
 
@@ -251,6 +260,20 @@ def _prepare_pieces(
     return sha.hexdigest(), raw_len, xxh.intdigest(), tuple(stored), chars
 
 
+def chunk_key(reference: str, index: int) -> str:
+    """The store key of chunk *index* of the blob under *reference*."""
+    return f"{reference}:{index}"
+
+
+_CHUNK_KEY: Final = re.compile(f"({REFERENCE_PATTERN.pattern}):[0-9]+")
+
+
+def chunk_owner(key: str) -> str | None:
+    """The reference whose chunk *key* is, or ``None`` if *key* is no chunk key."""
+    match = _CHUNK_KEY.fullmatch(key)
+    return None if match is None else match[1]
+
+
 def _frame_single(prep: Prepared) -> bytes:
     header = _HEADER.pack(_MAGIC, prep.compression, _KIND_SINGLE, 0, prep.raw_length, prep.checksum)
     # One join, one copy of the data (header + join would copy it twice).
@@ -282,7 +305,8 @@ def _frame_blobs(prep: Prepared, chunk_size: int) -> tuple[bytes, dict[str, byte
         return _frame_single(prep), {}
     assert prep.reference is not None
     chunks = {
-        f"{prep.reference}:{i}": c for i, c in enumerate(_split_chunks(prep.stored, chunk_size))
+        chunk_key(prep.reference, i): c
+        for i, c in enumerate(_split_chunks(prep.stored, chunk_size))
     }
     header = _HEADER.pack(
         _MAGIC, prep.compression, _KIND_MANIFEST, 0, prep.raw_length, prep.checksum
@@ -729,7 +753,7 @@ class OffloadCodec:
         received = 0
         for start in range(0, count, step):
             # Keys are made one batch at a time: the count comes from the stored manifest.
-            batch = [f"{ref}:{i}" for i in range(start, min(start + step, count))]
+            batch = [chunk_key(ref, i) for i in range(start, min(start + step, count))]
             chunks = await self.store.get_many(batch)
             for key, chunk in zip(batch, chunks, strict=True):
                 if chunk is None:

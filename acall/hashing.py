@@ -17,6 +17,7 @@ from acall.errors import InvalidKeyError, SerializationError
 from acall.ids import NO_ARGS
 
 __all__ = [
+    "REFERENCE_PATTERN",
     "REFERENCE_PREFIX",
     "compute_args_id",
     "content_reference",
@@ -26,7 +27,8 @@ __all__ = [
 
 #: Prefix of a reference to an offloaded value (pynenc's ``ReservedKeys.CLIENT_DATA``).
 REFERENCE_PREFIX: Final = "__pynenc__client_data__:"
-_REFERENCE_RE: Final = re.compile(r"__pynenc__client_data__:[0-9a-f]{64}")
+#: What a well-formed reference looks like (``fullmatch`` it; ``findall`` finds them in text).
+REFERENCE_PATTERN: Final = re.compile(r"__pynenc__client_data__:[0-9a-f]{64}")
 
 # ``json.dumps(s, ensure_ascii=False)`` builds a JSONEncoder on every call and ends in
 # this C function; calling it directly gives the same text several times faster.
@@ -166,7 +168,7 @@ def content_reference(serialized: str) -> str:
 
 def is_reference(value: str) -> bool:
     """Return whether a serialized argument value is a well-formed content reference."""
-    return value.startswith(REFERENCE_PREFIX) and _REFERENCE_RE.fullmatch(value) is not None
+    return value.startswith(REFERENCE_PREFIX) and REFERENCE_PATTERN.fullmatch(value) is not None
 
 
 def validate_reference(value: str) -> str:
@@ -177,7 +179,7 @@ def validate_reference(value: str) -> str:
 
     :raises InvalidKeyError: naming the rejected value.
     """
-    if isinstance(value, str) and _REFERENCE_RE.fullmatch(value) is not None:
+    if isinstance(value, str) and REFERENCE_PATTERN.fullmatch(value) is not None:
         return value
     # reprlib bounds the repr: a value taken from data may be a deeply nested list,
     # whose plain repr() raises RecursionError (and a long str is copied whole).

@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Final
@@ -46,16 +45,15 @@ import anyio
 import attrs
 
 from acall.brokers.base import Broker, DamagedRecord, ScannedRecord
+from acall.codec import chunk_owner
 from acall.errors import AcallError, ConfigurationError
-from acall.hashing import REFERENCE_PREFIX, is_reference
+from acall.hashing import REFERENCE_PATTERN, REFERENCE_PREFIX, is_reference
 from acall.stores.base import Store
 
 __all__ = ["LAST_SWEEP_KEY", "BlobCollection", "BlobCollector", "SweepReport", "references_of"]
 
 logger = logging.getLogger("acall.lifecycle")
 
-_ANY_REFERENCE: Final = re.compile(re.escape(REFERENCE_PREFIX) + "[0-9a-f]{64}")
-_CHUNK: Final = re.compile(re.escape(REFERENCE_PREFIX) + r"([0-9a-f]{64}):[0-9]+")
 _DELETE_BATCH: Final = 1000
 
 #: Store key holding the wall-clock time of the last sweep (shared by the workers).
@@ -140,7 +138,7 @@ class SweepReport:
 def references_of(record: ScannedRecord) -> Iterable[str]:
     """The blob references *record* still needs (see the module docs)."""
     if isinstance(record, DamagedRecord):
-        return _ANY_REFERENCE.findall(record.text)
+        return REFERENCE_PATTERN.findall(record.text)
     if record.status.is_final:
         result = record.result
         return (result,) if result is not None and is_reference(result) else ()
@@ -192,8 +190,8 @@ class BlobCollector:
         async for key in self.store.scan(REFERENCE_PREFIX):
             if is_reference(key):
                 blobs.append(key)
-            elif (match := _CHUNK.fullmatch(key)) is not None:
-                chunks.setdefault(REFERENCE_PREFIX + match[1], []).append(key)
+            elif (owner := chunk_owner(key)) is not None:
+                chunks.setdefault(owner, []).append(key)
         chunk_count = sum(map(len, chunks.values()))
         unneeded = [key for key in blobs if key not in live]
 
