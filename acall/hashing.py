@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import reprlib
 from collections.abc import Mapping
 from json.encoder import encode_basestring
 from typing import Final
 
-from acall.errors import InvalidKeyError, SerializationError
+from acall.errors import InvalidKeyError, SerializationError, short_repr
 from acall.ids import NO_ARGS
 
 __all__ = [
@@ -181,18 +180,14 @@ def validate_reference(value: str) -> str:
     """
     if isinstance(value, str) and REFERENCE_PATTERN.fullmatch(value) is not None:
         return value
-    # reprlib bounds the repr: a value taken from data may be a deeply nested list,
+    # short_repr bounds the repr: a value taken from data may be a deeply nested list,
     # whose plain repr() raises RecursionError (and a long str is copied whole).
-    shown = _repr.repr(value) if isinstance(value, str) else _describe(value)
+    shown = short_repr(value) if isinstance(value, str) else _describe(value)
     raise InvalidKeyError(
         f"invalid content reference {shown}: expected "
         "'__pynenc__client_data__:' followed by 64 lowercase hex digits"
     )
 
 
-_repr: Final = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 120
-
-
 def _describe(value: object) -> str:
-    return f"{_repr.repr(value)} (a {type(value).__name__}, not a str)"
+    return f"{short_repr(value)} (a {type(value).__name__}, not a str)"

@@ -11,12 +11,11 @@ The key formats are part of the wire format (see ``docs/wire-format.md``):
 from __future__ import annotations
 
 import re
-import reprlib
 from typing import Final
 
 import attrs
 
-from acall.errors import InvalidKeyError
+from acall.errors import InvalidKeyError, short_repr
 
 __all__ = ["NO_ARGS", "CallId", "TaskId", "is_valid_args_id"]
 
@@ -26,14 +25,10 @@ NO_ARGS: Final = "no_args"
 _ARGS_ID_RE: Final = re.compile(r"[0-9a-f]{64}")
 
 
-# Bounds the depth and length of a repr in messages: a key taken from data may be a
-# deeply nested list, whose plain repr() raises RecursionError.
-_repr: Final = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 120
-
-
 def _describe(value: object) -> str:
-    return f"{type(value).__name__}: {_repr.repr(value)}"
+    # short_repr: a key taken from data may be a deeply nested list, whose plain repr()
+    # raises RecursionError.
+    return f"{type(value).__name__}: {short_repr(value)}"
 
 
 def _check_encodable(key: str, what: str) -> None:
@@ -44,7 +39,7 @@ def _check_encodable(key: str, what: str) -> None:
         key.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidKeyError(
-            f"malformed {what} {_repr.repr(key)}: contains a lone surrogate "
+            f"malformed {what} {short_repr(key)}: contains a lone surrogate "
             f"{key[exc.start]!r} at index {exc.start} and cannot be encoded as UTF-8"
         ) from None
 
