@@ -41,19 +41,24 @@ def test_there_are_snippets() -> None:
     assert any(c.startswith("# client.py") for _, c in BLOCKS)
 
 
-@pytest.mark.parametrize(("name", "code"), STANDALONE, ids=[n for n, _ in STANDALONE])
-def test_snippet_runs(name: str, code: str, tmp_path: Path) -> None:
-    script = tmp_path / "snippet.py"
-    script.write_text(code, encoding="utf-8")
-    result = subprocess.run(
+def _run_script(script: Path) -> subprocess.CompletedProcess[str]:
+    """Run a Python file in its own directory, with the test environment."""
+    return subprocess.run(
         [sys.executable, str(script)],
-        cwd=tmp_path,
-        env=_env(tmp_path),
+        cwd=script.parent,
+        env=_env(script.parent),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
+
+
+@pytest.mark.parametrize(("name", "code"), STANDALONE, ids=[n for n, _ in STANDALONE])
+def test_snippet_runs(name: str, code: str, tmp_path: Path) -> None:
+    script = tmp_path / "snippet.py"
+    script.write_text(code, encoding="utf-8")
+    result = _run_script(script)
     assert result.returncode == 0, f"{name}:\n{result.stdout}\n{result.stderr}"
 
 
@@ -70,15 +75,7 @@ def test_quickstart_with_a_worker_process(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        result = subprocess.run(
-            [sys.executable, "client.py"],
-            cwd=tmp_path,
-            env=_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = _run_script(tmp_path / "client.py")
     finally:
         worker.terminate()
         assert worker.wait(30) == 0
