@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 import worker_app as wa
-from procs import RunLog, WorkerPool, acall_cli, records_of, wait_finished
+from procs import RunLog, WorkerPool, acall_cli, records_of, wait_finished, wait_until
 
 from acall import App, InvocationStatus
 
@@ -29,14 +29,21 @@ async def test_sigkill_mid_task_loses_nothing(
 ) -> None:
     log = RunLog(tmp_path / "runs.log")
     n = 200
-    handles = [await wa.logged_sync.submit(i, 0.02, str(log)) for i in range(n)]
+    handles = [await wa.logged_sync.submit(i, 0.05, str(log)) for i in range(n)]
     ids = [h.invocation_id for h in handles]
     killed = []
     with anyio.fail_after(120):
         for threshold in (20, 70, 130):
             worker = workers.start()
             await wait_finished(app, ids, threshold, timeout=60)
-            worker.kill()  # mid-task: up to 8 invocations are running right now
+
+            async def busy(pid: int = worker.pid) -> bool:
+                # Finished runs are recorded in batches, so the moment a count is reached
+                # may fall between batches; wait for a run of this worker under way.
+                return any(run.pid == pid for run in log.cut_runs())
+
+            await wait_until(busy, timeout=30, interval=0.002, what="a run under way")
+            worker.kill()  # mid-task: at least one run is under way right now
             killed.append(worker.pid)
         workers.start()
         await wait_finished(app, ids, n, timeout=60)
