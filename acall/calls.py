@@ -132,6 +132,12 @@ class TaskSpec:
         """The task key (``module.func_name``)."""
         return self.task_id.key
 
+    @property
+    def binds_by_name(self) -> bool:
+        """Whether binding only maps names to parameters (no ``*args``/``**kwargs``,
+        keyword-only or positional-only parameters), so bound keys are argument names."""
+        return self.signature is not None and self._simple
+
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Bind call arguments to the signature, defaults applied (pynenc's rule).
 
@@ -230,7 +236,8 @@ class _CallBase(Generic[R]):
 
     def to_dto(self) -> CallDTO:
         """The call as a :class:`~acall.dto.CallDTO`."""
-        return CallDTO(self.call_id, dict(self.serialized_arguments))
+        # CallDTO copies the mapping itself (its converter): no copy here.
+        return CallDTO(self.call_id, self.serialized_arguments)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _CallBase):
@@ -253,7 +260,15 @@ class Call(_CallBase[R]):
     asking before raises :class:`~acall.errors.NotSerializedError`.
     """
 
-    __slots__ = ("_args_id", "_arguments", "_done", "_flight", "_serialized", "_staged")
+    __slots__ = (
+        "_args_id",
+        "_arguments",
+        "_call_id",
+        "_done",
+        "_flight",
+        "_serialized",
+        "_staged",
+    )
 
     def __init__(self, spec: TaskSpec, codec: OffloadCodec, arguments: Mapping[str, Any]) -> None:
         self.spec = spec
@@ -263,6 +278,7 @@ class Call(_CallBase[R]):
         self._staged: dict[str, Prepared] = {}
         self._serialized: dict[str, str] | None = None
         self._args_id: str | None = None
+        self._call_id: CallId | None = None
         self._flight: SingleFlight[int, dict[str, str]] | None = None
 
     @classmethod
@@ -304,6 +320,13 @@ class Call(_CallBase[R]):
             self._args_id = compute_args_id(self.serialized_arguments)
         return self._args_id
 
+    @property
+    def call_id(self) -> CallId:
+        """Task and args_id together (after :meth:`serialize`)."""
+        if self._call_id is None:
+            self._call_id = CallId(self.spec.task_id, self.args_id)
+        return self._call_id
+
     async def serialize(self) -> Mapping[str, str]:
         """Serialize (and offload) every argument once; concurrent awaits share the work.
 
@@ -316,12 +339,19 @@ class Call(_CallBase[R]):
         if self._flight is None:
             # Most calls have only small inline arguments: encode them right here, with
             # no await in between (so no other task can interleave) and no flight.
+            before = len(self._done)
             try:
                 large = self._encode_now(self._pending_names(), None)
             except _NeedsAsyncPath:
                 large = None
             if large == [] and not self._staged:
-                self._serialized = {name: self._done[name] for name in self._names_in_order()}
+                # The pending names were added to _done in argument order; when nothing
+                # but a batch's common arguments (which come first) was there before,
+                # that is the wire order already and _done is the result as it is.
+                if before == self._prefilled():
+                    self._serialized = self._done
+                else:
+                    self._serialized = {name: self._done[name] for name in self._names_in_order()}
                 return self._serialized
             self._flight = SingleFlight()
         return await self._flight.run(0, self._serialize_all)
@@ -385,7 +415,13 @@ class Call(_CallBase[R]):
             self._serialized = {name: self._done[name] for name in self._names_in_order()}
         return self._serialized
 
+    def _prefilled(self) -> int:
+        """How many entries ``_done`` holds before anything of this call is encoded."""
+        return 0
+
     def _pending_names(self) -> list[str]:
+        if len(self._done) == self._prefilled():
+            return list(self._arguments)
         return [n for n in self._arguments if n not in self._done]
 
     def _names_in_order(self) -> list[str]:
@@ -476,6 +512,12 @@ class PreSerializedCall(Call[R]):
         other_args: Mapping[str, Any],
     ) -> None:
         super().__init__(spec, codec, other_args)
+        if not common_serialized.keys().isdisjoint(self._arguments):
+            clash = sorted(common_serialized.keys() & self._arguments.keys())
+            raise InvalidArgumentsError(
+                f"task {spec.key!r}: arguments {clash} are given both as common and "
+                "per-call arguments"
+            )
         self._common = common_serialized
         self._done.update(common_serialized)
 
@@ -502,20 +544,32 @@ class PreSerializedCall(Call[R]):
         """
         common_serialized = await cls.serialize_common(spec, codec, common_args)
         calls = []
+        # Calls of a batch mostly pass the same names: the checks and the binding are
+        # done once per set of names, giving a template (signature order, defaults
+        # filled) that each call copies and fills with its own values.
+        templates: dict[tuple[str, ...], dict[str, Any]] = {}
         for own in per_call:
-            clash = common_args.keys() & own.keys()
-            if clash:
-                raise InvalidArgumentsError(
-                    f"task {spec.key!r}: arguments {sorted(clash)} are given both as common "
-                    "and per-call arguments"
-                )
-            bound = spec.bind((), {**common_args, **own})
-            others = {k: v for k, v in bound.items() if k not in common_serialized}
+            names = tuple(own)
+            template = templates.get(names)
+            if template is None:
+                clash = common_args.keys() & own.keys()
+                if clash:
+                    raise InvalidArgumentsError(
+                        f"task {spec.key!r}: arguments {sorted(clash)} are given both as "
+                        "common and per-call arguments"
+                    )
+                bound = spec.bind((), {**common_args, **own})
+                others = {k: v for k, v in bound.items() if k not in common_serialized}
+                if spec.binds_by_name:
+                    templates[names] = others
+            else:
+                others = template.copy()
+                others.update(own)
             calls.append(cls(spec, codec, common_serialized, others))
         return calls
 
-    def _pending_names(self) -> list[str]:
-        return [n for n in self._arguments if n not in self._done]
+    def _prefilled(self) -> int:
+        return len(self._common)
 
     def _names_in_order(self) -> list[str]:
         names = list(self._common)

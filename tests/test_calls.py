@@ -34,6 +34,12 @@ def varied(a: Any, /, b: Any, *rest: Any, k: Any = 1, **extra: Any) -> None: ...
 def keyed(user_id: Any, region: Any, frame: Any = None) -> None: ...
 
 
+def defaulted(frame: Any, user_id: Any, region: Any = "eu") -> None: ...
+
+
+def open_kw(a: Any, b: Any, **extra: Any) -> None: ...
+
+
 @pytest.fixture
 def store() -> CountingStore:
     return CountingStore()
@@ -286,6 +292,62 @@ async def test_preserialized_batch_rejects_clashing_arguments(codec: OffloadCode
         await PreSerializedCall.batch(
             TaskSpec(keyed), codec, {"region": "eu"}, [{"region": "us", "user_id": 1}]
         )
+
+
+async def test_preserialized_batch_binds_each_call_like_a_plain_call(codec: OffloadCodec) -> None:
+    # Calls of one batch with different sets of names, in different orders, with and
+    # without defaults: each must serialize exactly as the plain call with its arguments.
+    per_call: list[dict[str, Any]] = [
+        {"user_id": 1, "region": "eu"},
+        {"user_id": 2},
+        {"region": "us", "user_id": 3},
+        {"user_id": 4, "region": "eu"},
+        {"user_id": [5, 6]},
+    ]
+    spec = TaskSpec(defaulted)
+    calls: list[PreSerializedCall[Any]] = await PreSerializedCall.batch(
+        spec, codec, {"frame": "f" * 5000}, per_call
+    )
+    for own, call in zip(per_call, calls, strict=True):
+        plain: Call[Any] = Call.from_args(spec, codec, frame="f" * 5000, **own)
+        await call.serialize()
+        await plain.serialize()
+        assert list(call.serialized_arguments) == ["frame", "user_id", "region"]
+        assert dict(call.serialized_arguments) == dict(plain.serialized_arguments)
+        assert call.call_id == plain.call_id
+    # Each call owns its arguments: they are not one shared template dict.
+    assert calls[0].arguments == {"user_id": 1, "region": "eu"}
+    assert calls[3].arguments == {"user_id": 4, "region": "eu"}
+    assert calls[0].arguments is not calls[3].arguments
+
+
+async def test_preserialized_batch_with_varargs_binds_per_call(codec: OffloadCodec) -> None:
+    spec = TaskSpec(open_kw)
+    calls: list[PreSerializedCall[Any]] = await PreSerializedCall.batch(
+        spec, codec, {"a": 0}, [{"b": 1, "z": 2}, {"b": 3, "z": 4}]
+    )
+    for i, call in enumerate(calls):
+        await call.serialize()
+        assert call.serialized_arguments["extra"] == json.dumps({"z": 2 * i + 2})
+        plain: Call[Any] = Call.from_args(spec, codec, 0, b=2 * i + 1, z=2 * i + 2)
+        await plain.serialize()
+        assert call.call_id == plain.call_id
+
+
+async def test_preserialized_call_refuses_overlapping_arguments(codec: OffloadCodec) -> None:
+    with pytest.raises(InvalidArgumentsError, match=r"\['region'\] are given both"):
+        PreSerializedCall(TaskSpec(keyed), codec, {"region": '"eu"'}, {"region": "us"})
+
+
+async def test_serialized_arguments_keep_argument_order_after_keys(codec: OffloadCodec) -> None:
+    # KEYS encodes the key argument first; the full serialization still lists the
+    # arguments in signature order (the wire order), not in the order they were encoded.
+    spec = TaskSpec(keyed, key_arguments=["region"])
+    call: Call[Any] = Call.from_args(spec, codec, 7, "eu", "frame")
+    await call.serialized_args_for_concurrency_control(ConcurrencyMode.KEYS)
+    serialized = await call.serialize()
+    assert list(serialized) == ["user_id", "region", "frame"]
+    assert call.to_dto().serialized_arguments == dict(serialized)
 
 
 async def test_task_known_only_by_id(codec: OffloadCodec) -> None:
