@@ -263,6 +263,7 @@ class Call(_CallBase[R]):
     __slots__ = (
         "_args_id",
         "_arguments",
+        "_base",
         "_call_id",
         "_done",
         "_flight",
@@ -275,6 +276,9 @@ class Call(_CallBase[R]):
         self.codec = codec
         self._arguments = dict(arguments)
         self._done: dict[str, str] = {}
+        # How many entries _done holds before anything of this call is encoded (a
+        # batch's common arguments).
+        self._base = 0
         self._staged: dict[str, Prepared] = {}
         self._serialized: dict[str, str] | None = None
         self._args_id: str | None = None
@@ -348,7 +352,7 @@ class Call(_CallBase[R]):
                 # The pending names were added to _done in argument order; when nothing
                 # but a batch's common arguments (which come first) was there before,
                 # that is the wire order already and _done is the result as it is.
-                if before == self._prefilled():
+                if before == self._base:
                     self._serialized = self._done
                 else:
                     self._serialized = {name: self._done[name] for name in self._names_in_order()}
@@ -369,26 +373,33 @@ class Call(_CallBase[R]):
         types = spec.param_types
         typed = types.annotations if types else {}
         min_offload = codec.settings.min_size_to_offload
-        dumps = codec.serializer.dumps
-        stats = codec.stats
+        serializer = codec.serializer
+        dumps = serializer.dumps
+        dumps_scalars = getattr(serializer, "dumps_scalars", dumps)
+        arguments, done = self._arguments, self._done
+        inline_chars = 0
         large: list[str] = []
         for name in names:
-            value = self._arguments[name]
+            value = arguments[name]
             kind = type(value)
             try:
-                if name not in typed and (
-                    kind in _SCALAR_KINDS
-                    or (kind is str and len(value) * 6 < min_offload)
-                    or (
-                        (kind is list or kind is tuple)
-                        and len(value) <= _FEW_ITEMS
-                        and set(map(type, value)) <= _SCALAR_KINDS
-                    )
-                ):
-                    # Scalars, short strings, short lists of scalars: their text is short
-                    # for sure (escaping at most sextuples a character): no estimate.
+                if name in typed:
+                    text = None
+                elif kind in _SCALAR_KINDS or (kind is str and len(value) * 6 < min_offload):
+                    # Scalars and short strings: their text is short for sure (escaping at
+                    # most sextuples a character), so no size estimate is needed.
                     text = dumps(value)
+                elif (
+                    (kind is list or kind is tuple)
+                    and len(value) <= _FEW_ITEMS
+                    and set(map(type, value)) <= _SCALAR_KINDS
+                ):
+                    # Short lists of exact scalars: short too, and no enum member can
+                    # hide in them, which the serializer may use to skip its checks.
+                    text = dumps_scalars(value)
                 else:
+                    text = None
+                if text is None:
                     if estimate_chars(value, THREAD_MIN_CHARS) >= THREAD_MIN_CHARS:
                         large.append(name)
                         continue
@@ -405,8 +416,9 @@ class Call(_CallBase[R]):
                     raise _NeedsAsyncPath from exc
                 failures.append((name, exc))
                 continue
-            stats["inline_chars"] += len(text)
-            self._done[name] = text
+            inline_chars += len(text)
+            done[name] = text
+        codec.stats["inline_chars"] += inline_chars
         return large
 
     async def _serialize_all(self) -> dict[str, str]:
@@ -415,12 +427,8 @@ class Call(_CallBase[R]):
             self._serialized = {name: self._done[name] for name in self._names_in_order()}
         return self._serialized
 
-    def _prefilled(self) -> int:
-        """How many entries ``_done`` holds before anything of this call is encoded."""
-        return 0
-
     def _pending_names(self) -> list[str]:
-        if len(self._done) == self._prefilled():
+        if len(self._done) == self._base:
             return list(self._arguments)
         return [n for n in self._arguments if n not in self._done]
 
@@ -520,6 +528,7 @@ class PreSerializedCall(Call[R]):
             )
         self._common = common_serialized
         self._done.update(common_serialized)
+        self._base = len(common_serialized)
 
     @classmethod
     async def serialize_common(
@@ -567,9 +576,6 @@ class PreSerializedCall(Call[R]):
                 others.update(own)
             calls.append(cls(spec, codec, common_serialized, others))
         return calls
-
-    def _prefilled(self) -> int:
-        return len(self._common)
 
     def _names_in_order(self) -> list[str]:
         names = list(self._common)

@@ -342,6 +342,17 @@ class JsonSerializer:
         except (TypeError, ValueError, RecursionError) as exc:
             raise _encoding_error(obj, exc) from exc
 
+    def dumps_scalars(self, seq: list[Any] | tuple[Any, ...]) -> str:
+        """:meth:`dumps` of a list or tuple whose items are exact ``int``, ``float``,
+        ``bool`` or ``None`` (the caller has checked): with no enum member possible, the
+        pre-pass check is skipped."""
+        if self._c_encode is None:
+            return self.dumps(seq)
+        try:
+            return "".join(self._c_encode(seq, 0))
+        except (TypeError, ValueError) as exc:
+            raise _encoding_error(seq, exc) from exc
+
     def iter_dumps(self, obj: Any) -> Iterator[str]:
         """Yield pieces whose concatenation equals :meth:`dumps` of *obj*.
 

@@ -142,6 +142,21 @@ def test_plain_json_matches_stdlib(ser: JsonSerializer, value: Any) -> None:
     assert ser.dumps(value) == json.dumps(value)
 
 
+scalars = st.none() | st.booleans() | st.integers() | st.floats()
+
+
+@given(st.lists(scalars, max_size=64) | st.lists(scalars, max_size=8).map(tuple))
+def test_dumps_scalars_matches_dumps(value: list[Any] | tuple[Any, ...]) -> None:
+    ser = JsonSerializer()
+    assert ser.dumps_scalars(value) == ser.dumps(value) == json.dumps(value)
+
+
+def test_dumps_scalars_reports_like_dumps() -> None:
+    # Not what callers pass; still a SerializationError rather than a raw TypeError.
+    with pytest.raises(SerializationError, match="object"):
+        JsonSerializer().dumps_scalars([object()])
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
     lambda children: (
