@@ -308,7 +308,14 @@ local function server_time()
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
+-- Records this script has just stored as final: id -> status set score (expiry time).
+-- Settling a call index reads them from here instead of asking the status sets again.
+local settled = {}
+
 local function is_live(id)
+  if settled[id] then
+    return false
+  end
   for _, s in ipairs(LIVE) do
     if redis.call('ZSCORE', prefix .. 'status:' .. s, id) then
       return true
@@ -330,15 +337,20 @@ local function settle_call_index(index, now)
     if is_live(id) then
       return
     end
-    local expires = nil
-    for _, s in ipairs(FINALS) do
-      local score = redis.call('ZSCORE', prefix .. 'status:' .. s, id)
-      if score then
-        expires = tonumber(score)
-        if expires == nil or expires == math.huge then
-          return  -- a record that never expires
+    local expires = settled[id]
+    if expires == nil then
+      for _, s in ipairs(FINALS) do
+        local score = redis.call('ZSCORE', prefix .. 'status:' .. s, id)
+        if score then
+          expires = tonumber(score)
+          if expires == nil then
+            return  -- a record that never expires ('inf')
+          end
         end
       end
+    end
+    if expires == math.huge then
+      return  -- a record that never expires
     end
     if expires == nil or expires <= now then
       gone[#gone + 1] = id
@@ -356,7 +368,9 @@ end
 
 -- Write a record and file it under its status (ttl_ms: '' when records never expire).
 -- With a call key, keep the call index alive as long as the records it lists.
-local function store_record(id, json, status, ttl_ms, now, call_key)
+-- prev: the status of the record being replaced, read from it by the caller; the id is
+-- then taken out of that status set alone (nil: out of every other one).
+local function store_record(id, json, status, ttl_ms, now, call_key, prev)
   local key = prefix .. 'inv:' .. id
   local score = '+inf'
   if FINAL[status] and ttl_ms ~= '' then
@@ -365,12 +379,21 @@ local function store_record(id, json, status, ttl_ms, now, call_key)
   else
     redis.call('SET', key, json)
   end
-  for _, s in ipairs(STATUSES) do
-    if s ~= status then
-      redis.call('ZREM', prefix .. 'status:' .. s, id)
+  if prev and KNOWN[prev] then
+    if prev ~= status then
+      redis.call('ZREM', prefix .. 'status:' .. prev, id)
+    end
+  else
+    for _, s in ipairs(STATUSES) do
+      if s ~= status then
+        redis.call('ZREM', prefix .. 'status:' .. s, id)
+      end
     end
   end
   redis.call('ZADD', prefix .. 'status:' .. status, score, id)
+  if FINAL[status] then
+    settled[id] = score == '+inf' and math.huge or score
+  end
   if call_key then
     local index = prefix .. 'call:' .. call_key
     if FINAL[status] then
@@ -536,7 +559,7 @@ local function claim_record(id)
     {{'worker_id', worker_json}},
     {{'updated_at', string.format('%.6f', now)}},
   }})
-  store_record(id, claimed, 'running', '', now, nil)
+  store_record(id, claimed, 'running', '', now, nil, status)
   return claimed
 end
 
@@ -641,8 +664,9 @@ for base = 3, #ARGV, 8 do
   local dedup, call_key = ARGV[base + 6], ARGV[base + 7]
   local current = redis.call('GET', prefix .. 'inv:' .. id)
   -- The first outcome wins; an unreadable record is replaced.
-  if current and not FINAL[record_status(current) or ''] then
-    store_record(id, json, status, ttl_ms, now, nil)
+  local prev = current and record_status(current)
+  if current and not FINAL[prev or ''] then
+    store_record(id, json, status, ttl_ms, now, nil, prev)
     release_dedup(dedup, id)
     redis.call('PUBLISH', prefix .. 'final', id)
     stored = stored + 1
