@@ -117,7 +117,8 @@ class TaskSpec:
         self.disable_offload = frozenset(disable_offload)
         self.signature = inspect.signature(func) if func is not None else None
         self.param_types = ParamTypes(func, task_key=task_id.key) if func is not None else None
-        #: The typed parameters (name -> annotation), or ``None`` when there are none.
+        #: :attr:`param_types` when some parameter is typed, else ``None`` (checked per
+        #: call: an attribute test is cheaper than ``ParamTypes.__bool__``).
         self.typed = self.param_types if self.param_types else None
         params = list(self.signature.parameters.values()) if self.signature else []
         self._names = tuple(p.name for p in params)
