@@ -489,7 +489,9 @@ class JsonSerializer:
             raise DeserializationError(
                 f"not valid JSON ({exc}); text (truncated): {text[:_REPR_LIMIT]!r}"
             ) from None
-        if _ENVELOPE_MARKER not in text:
+        # Envelopes are objects: a top-level string or number holds none, whatever its
+        # text mentions, and scanning a long string for the marker costs a pass over it.
+        if type(value) is str or _ENVELOPE_MARKER not in text:
             return value
         try:
             return self._rebuild(value)

@@ -563,3 +563,17 @@ def test_loads_shortcut_falls_back_exactly(text: str) -> None:
 def test_loads_of_raw_unicode_strings(value: str) -> None:
     text = json.dumps(value, ensure_ascii=False)
     assert JsonSerializer().loads(text) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '{"__pynenc__std_py_exc__": {"type": "ValueError", "args": ["x"]}}',
+        "__pynenc__enum__" * 1000,
+        ["__pynenc__json_serializable__"],
+    ],
+)
+def test_text_that_only_mentions_an_envelope_loads_as_it_is(
+    ser: JsonSerializer, value: Any
+) -> None:
+    assert ser.loads(ser.dumps(value)) == value
