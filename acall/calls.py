@@ -354,9 +354,8 @@ class Call(_CallBase[R]):
             # Most calls have only small inline arguments: encode them right here, with
             # no await in between (so no other task can interleave) and no flight.
             before = len(self._done)
-            names = list(self._arguments) if before == self._base else self._pending_names()
             try:
-                large = self._encode_now(names, None)
+                large = self._encode_now(self._pending_names(), None)
             except _NeedsAsyncPath:
                 large = None
             if large == [] and not self._staged:
@@ -513,6 +512,15 @@ class Call(_CallBase[R]):
         return f"Call({self.spec.key}, arguments={sorted(self._arguments)})"
 
 
+def _refuse_clash(spec: TaskSpec, common: Mapping[str, Any], own: Mapping[str, Any]) -> None:
+    """Raise if an argument is given both as a common and as a per-call argument."""
+    if not common.keys().isdisjoint(own):
+        raise InvalidArgumentsError(
+            f"task {spec.key!r}: arguments {sorted(common.keys() & own.keys())} are given "
+            "both as common and per-call arguments"
+        )
+
+
 class PreSerializedCall(Call[R]):
     """A call of a batch whose common arguments were serialized once.
 
@@ -530,12 +538,7 @@ class PreSerializedCall(Call[R]):
         other_args: Mapping[str, Any],
     ) -> None:
         super().__init__(spec, codec, other_args)
-        if not common_serialized.keys().isdisjoint(self._arguments):
-            clash = sorted(common_serialized.keys() & self._arguments.keys())
-            raise InvalidArgumentsError(
-                f"task {spec.key!r}: arguments {clash} are given both as common and "
-                "per-call arguments"
-            )
+        _refuse_clash(spec, common_serialized, self._arguments)
         self._common = common_serialized
         self._done.update(common_serialized)
         self._base = len(common_serialized)
@@ -571,12 +574,8 @@ class PreSerializedCall(Call[R]):
             names = tuple(own)
             template = templates.get(names)
             if template is None:
-                clash = common_args.keys() & own.keys()
-                if clash:
-                    raise InvalidArgumentsError(
-                        f"task {spec.key!r}: arguments {sorted(clash)} are given both as "
-                        "common and per-call arguments"
-                    )
+                # Before binding: merged into one mapping, a clash would go unnoticed.
+                _refuse_clash(spec, common_args, own)
                 bound = spec.bind((), {**common_args, **own})
                 others = {k: v for k, v in bound.items() if k not in common_serialized}
                 if spec.binds_by_name:
