@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -108,44 +109,57 @@ class SingleFlight(Generic[K, T]):
 
 
 class Wakeup:
-    """A reusable wake-up call for one task; the event exists only while it sleeps.
+    """A reusable wake-up call for one task; a future exists only while it sleeps.
 
-    Creating an anyio Event costs a backend lookup; thousands of handles or writers
-    that mostly never sleep should not pay it.
+    Thousands of handles or writers that mostly never sleep should not pay for an event
+    each, and those that do sleep hold one bare asyncio future: an anyio event would add
+    an asyncio event, its waiter queue and two coroutine frames per sleeper, which the
+    cyclic garbage collector then walks again and again while thousands wait at once.
+    (acall runs on asyncio; anyio cancel scopes cancel the task awaiting the future.)
     """
 
-    __slots__ = ("_event", "_pending")
+    __slots__ = ("_future", "_pending")
 
     def __init__(self) -> None:
-        self._event: anyio.Event | None = None
+        self._future: asyncio.Future[None] | None = None
         self._pending = False
 
     def set(self) -> None:
         """Wake the sleeper (or make its next :meth:`sleep` return at once)."""
+        future = self._future
+        if future is not None:
+            self._future = None
+            if not future.done():  # not cancelled: the sleeper consumes this wake-up
+                future.set_result(None)
+                return
         self._pending = True
-        if self._event is not None:
-            self._event.set()
 
-    async def sleep(self) -> None:
-        """Wait for :meth:`set` (consuming it)."""
-        if not self._pending:
-            self._event = anyio.Event()
-            try:
-                await self._event.wait()
-            finally:
-                self._event = None
-        self._pending = False
+    def sleep(self) -> Awaitable[None]:
+        """Wait for :meth:`set` (consuming it): ``await wakeup.sleep()``.
+
+        Not a coroutine function: the awaitable is the future itself, one frame less
+        for each of thousands of sleepers.
+        """
+        if self._pending:
+            self._pending = False
+            return _awake()
+        self._future = future = asyncio.get_running_loop().create_future()
+        return future
+
+
+async def _awake() -> None:
+    """What :meth:`Wakeup.sleep` returns when the wake-up came first: no wait."""
 
 
 class _Pending(Generic[T, R]):
     __slots__ = ("done", "error", "item", "result", "wake")
 
-    def __init__(self, item: T) -> None:
+    def __init__(self, item: T, wake: Wakeup) -> None:
         self.item = item
         self.result: R | None = None
         self.error: BaseException | None = None
         self.done = False
-        self.wake = Wakeup()
+        self.wake = wake
 
 
 class GroupCommit(Generic[T, R]):
@@ -153,66 +167,79 @@ class GroupCommit(Generic[T, R]):
 
     A caller with an item writes it at once if no write is in progress, together with
     every item that arrived meanwhile, and keeps writing until none is left; each of the
-    others sleeps until the batch carrying its item is written (or, if the writer was
-    cancelled first, until it is its turn to write). No timer: no added latency when
-    idle, and under load one round trip (one SQLite transaction, one Redis call) carries
-    many items.
+    others sleeps until the batch carrying its item is written. No timer: no added
+    latency when idle, and under load one round trip (one SQLite transaction, one Redis
+    call) carries many items.
+
+    Writes must be idempotent (submissions by invocation id, look-ups, outcomes): when
+    the task writing a batch is cancelled, that cancellation is its own, so the other
+    items of the batch go back to the front of the queue and are written (perhaps
+    again) by the next caller whose turn it is.
 
     :param write: writes a batch and returns one result per item, in order.
-    :param interrupted: builds the error given to the other callers of a batch whose
-        writer was cancelled (their items may or may not have been written).
     """
 
     def __init__(
         self,
         write: Callable[[list[T]], Awaitable[Sequence[R]]],
         *,
-        interrupted: Callable[[], Exception],
         max_batch: int = 500,
     ) -> None:
         self._write = write
-        self._interrupted = interrupted
         self._max_batch = max_batch
         self._pending: list[_Pending[T, R]] = []
         self._writing = False
 
-    async def submit(self, item: T) -> R:
-        """Write *item* (in some batch) and return its result."""
-        entry: _Pending[T, R] = _Pending(item)
-        self._pending.append(entry)
-        while not entry.done:
-            if self._writing:
-                await entry.wake.sleep()
-                continue
-            self._writing = True
-            try:
-                while self._pending:
-                    batch = self._pending[: self._max_batch]
-                    del self._pending[: self._max_batch]
-                    await self._write_batch(batch)
-            finally:
-                self._writing = False
-                if self._pending:  # cancelled with items left: the next one writes
-                    self._pending[0].wake.set()
+    async def submit(self, item: T, wake: Wakeup | None = None) -> R:
+        """Write *item* (in some batch) and return its result.
+
+        :param wake: the caller's own wake-up call, if it has one to lend while it
+            waits here (one object less per waiting caller).
+        """
+        entry: _Pending[T, R] = _Pending(item, Wakeup() if wake is None else wake)
+        pending = self._pending
+        pending.append(entry)
+        try:
+            while not entry.done:
+                if self._writing:
+                    await entry.wake.sleep()
+                    continue
+                self._writing = True
+                try:
+                    while pending:
+                        batch = pending[: self._max_batch]
+                        del pending[: self._max_batch]
+                        await self._write_batch(batch)
+                finally:
+                    self._writing = False
+        except BaseException:
+            if not entry.done and entry in pending:  # gave up: not worth writing any more
+                pending.remove(entry)
+            if pending and not self._writing:  # items left and no writer: wake the next
+                pending[0].wake.set()
+            raise
         if entry.error is not None:
             raise entry.error
         result: R = entry.result  # type: ignore[assignment]
         return result
 
     async def _write_batch(self, batch: list[_Pending[T, R]]) -> None:
-        error: BaseException | None = None
-        results: Sequence[R] = ()
         try:
             results = await self._write([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"a batch of {len(batch)} writes gave {len(results)} results")
         except BaseException as exc:
-            # A cancellation belongs to the writing task alone: the others get an error
-            # of their own saying their write was interrupted.
-            error = self._interrupted() if isinstance(exc, anyio.get_cancelled_exc_class()) else exc
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                # The writer's own cancellation: its item is dropped by submit(), the
+                # others are written again (idempotent) by whoever writes next.
+                self._pending[:0] = batch
+            else:
+                for entry in batch:
+                    entry.error = exc
+                    entry.done = True
+                    entry.wake.set()
             raise
-        finally:
-            for i, entry in enumerate(batch):
-                entry.error = error
-                if error is None:
-                    entry.result = results[i]
-                entry.done = True
-                entry.wake.set()
+        for entry, result in zip(batch, results, strict=True):
+            entry.result = result
+            entry.done = True
+            entry.wake.set()

@@ -530,6 +530,9 @@ class OffloadCodec:
         offload = self.settings.offload_allowed(name)
         if estimate_chars(value, THREAD_MIN_CHARS) < THREAD_MIN_CHARS:
             prep = self.prepare_small(value, offload=offload)
+            if prep.inline is not None:  # the usual case (a small result): no await
+                self.stats["inline_chars"] += len(prep.inline)
+                return prep.inline
         else:
             prep = await self.prepare_large(value, offload=offload)
         return await self.commit(prep)

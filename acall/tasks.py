@@ -49,7 +49,6 @@ from acall.codec import OffloadCodec, OffloadSettings
 from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
 from acall.errors import (
     AcallError,
-    BrokerError,
     BrokerUnavailableError,
     ConfigurationError,
     DeserializationError,
@@ -72,7 +71,6 @@ logger = logging.getLogger("acall.tasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-T = TypeVar("T")
 
 #: Keyword arguments of :meth:`Task.submit` that configure the submission itself.
 CONTROL_KWARGS = frozenset({"_queue", "_delay", "_timeout"})
@@ -200,10 +198,7 @@ class App:
         # Submissions made at the same moment (many tasks submitting at once) go to the
         # broker together: one SQLite transaction or one Redis script call per batch.
         self._submitter: GroupCommit[InvocationRecord, InvocationRecord] = GroupCommit(
-            self.broker.submit_many,
-            interrupted=lambda: BatchInterrupted(
-                "submission interrupted: the invocation may or may not have been enqueued"
-            ),
+            self.broker.submit_many
         )
 
     # -- registration ----------------------------------------------------------------
@@ -292,7 +287,7 @@ class App:
         """
         # Submitting an invocation id again is harmless (the broker keeps the first),
         # so a batch whose writing task was cancelled is simply written again.
-        return await submit_to_batch(self._submitter, record)
+        return await self._submitter.submit(record)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -327,22 +322,6 @@ class App:
     async def wait_final(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         """Wait until the invocation reaches SUCCESS or FAILED; return its record."""
         return await self._waiter.wait(invocation_id, timeout)
-
-
-class BatchInterrupted(BrokerError):
-    """The task writing a batch of concurrent broker calls was cancelled before the
-    batch was written (or before it knew): raised to the batch's other callers."""
-
-
-async def submit_to_batch(commit: GroupCommit[T, R], item: T) -> R:
-    """Hand *item* to a group commit whose writes are idempotent (submissions by
-    invocation id, look-ups, outcomes): when the task that was writing its batch is
-    cancelled, *item* is written again rather than failing a caller that was not."""
-    while True:
-        try:
-            return await commit.submit(item)
-        except BatchInterrupted:
-            continue
 
 
 def _default_store_url(broker: Broker | str) -> str:
@@ -390,10 +369,7 @@ class _ResultWaiter:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         # Handles awaited together (gather over many) look their records up together.
-        self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(
-            broker.get_many,
-            interrupted=lambda: BatchInterrupted("looking up the invocation was interrupted"),
-        )
+        self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(broker.get_many)
         self._waiters: dict[str, list[_Waiter]] = {}
         self._leader: _Waiter | None = None
         self._stream: AsyncGenerator[set[str], None] | None = None
@@ -406,7 +382,7 @@ class _ResultWaiter:
             started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
             try:
-                record = await submit_to_batch(self._lookup, invocation_id)
+                record = await self._lookup.submit(invocation_id, me.wake)
             except BrokerUnavailableError as exc:
                 record = await self._look_up_again(invocation_id, exc, started, timeout)
             if record is None:
@@ -463,7 +439,7 @@ class _ResultWaiter:
             await anyio.sleep(delay)
             delay = min(5.0, delay * 2)
             try:
-                return await submit_to_batch(self._lookup, invocation_id)
+                return await self._lookup.submit(invocation_id)
             except BrokerUnavailableError as exc:
                 error = exc
 
@@ -596,7 +572,9 @@ class InvocationHandle(Generic[R]):
         :raises RemoteTaskError: if the task failed with an exception that cannot be
             rebuilt safely in this process (its type and message are kept).
         """
-        record = await self.app.wait_final(self.invocation_id, timeout)
+        # (The app's waiter directly, not App.wait_final: one coroutine frame less for
+        # each of the thousands of handles that may be awaited at once.)
+        record = await self.app._waiter.wait(self.invocation_id, timeout)
         if record.status is InvocationStatus.SUCCESS:
             return await self._load_result(record)
         raise rebuild_exception(self.app.serializer, record)

@@ -53,7 +53,7 @@ from acall.errors import (
     WorkerCrashError,
 )
 from acall.lifecycle import BlobCollector
-from acall.tasks import App, BatchInterrupted, Task, error_info, submit_to_batch
+from acall.tasks import App, Task, error_info
 
 __all__ = [
     "InvocationContext",
@@ -142,6 +142,19 @@ class _InvocationLog(logging.LoggerAdapter[logging.Logger]):
         return f"[{extra.get('invocation_id')} {extra.get('call_key')}] {msg}", kwargs
 
 
+def _log_for(record: InvocationRecord) -> _InvocationLog:
+    """A logger for one invocation (made only when something is logged: hot path)."""
+    call_id = record.call_id
+    return _InvocationLog(
+        logger,
+        {
+            "invocation_id": record.invocation_id,
+            "task": call_id.task_id.key,
+            "call_key": call_id.key,
+        },
+    )
+
+
 _UNREACHABLE: Final = (StoreUnavailableError, BrokerUnavailableError)
 
 
@@ -223,8 +236,7 @@ class Worker:
         self._started = anyio.Event()
         # Outcomes of invocations finishing together are recorded in one broker call.
         self._finisher: GroupCommit[tuple[Delivery, InvocationRecord], None] = GroupCommit(
-            self._finish_batch,
-            interrupted=lambda: BatchInterrupted("recording the outcome was interrupted"),
+            self._finish_batch
         )
         self._queue: collections.deque[Delivery] = collections.deque()
         self._work_ready = anyio.Event()
@@ -421,21 +433,15 @@ class Worker:
             )
             await broker.ack(delivery)
             return
-        log = _InvocationLog(
-            logger,
-            {
-                "invocation_id": running.invocation_id,
-                "task": running.call_id.task_id.key,
-                "call_key": running.call_id.key,
-            },
-        )
         if running.status.is_final:
-            log.info("already %s (duplicate delivery); acknowledging", running.status.value)
+            _log_for(running).info(
+                "already %s (duplicate delivery); acknowledging", running.status.value
+            )
             self.stats.duplicates += 1
             await broker.ack(delivery)
             return
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("attempt %d started", running.attempt)
+        if logger.isEnabledFor(logging.DEBUG):
+            _log_for(running).debug("attempt %d started", running.attempt)
         task = self.app.get_task(running.call_id.task_id.key)
         started = time.perf_counter()
         try:
@@ -467,13 +473,13 @@ class Worker:
         except anyio.get_cancelled_exc_class():
             raise
         except _Unreachable as exc:
-            await self._postpone(delivery, running, exc.error, log)
+            await self._postpone(delivery, running, exc.error)
             return
         except _StopRaised as exc:
-            await self._failed(delivery, running, task, exc.original, log)
+            await self._failed(delivery, running, task, exc.original)
             return
         except Exception as exc:
-            await self._failed(delivery, running, task, exc, log)
+            await self._failed(delivery, running, task, exc)
             return
         done = attrs.evolve(
             running,
@@ -484,8 +490,8 @@ class Worker:
         )
         await self._record_outcome(delivery, done)
         self.stats.succeeded += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info("succeeded in %.3f s", time.perf_counter() - started)
+        if logger.isEnabledFor(logging.INFO):
+            _log_for(running).info("succeeded in %.3f s", time.perf_counter() - started)
 
     async def _persist(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
         """Run a broker write, riding out a broker that is briefly unreachable (a
@@ -509,9 +515,7 @@ class Worker:
 
     async def _record_outcome(self, delivery: Delivery, record: InvocationRecord) -> None:
         """Record a final outcome and acknowledge the entry (batched with other outcomes)."""
-        await self._persist(
-            "record its outcome", lambda: submit_to_batch(self._finisher, (delivery, record))
-        )
+        await self._persist("record its outcome", lambda: self._finisher.submit((delivery, record)))
 
     async def _schedule_retry(
         self,
@@ -537,7 +541,6 @@ class Worker:
         delivery: Delivery,
         record: InvocationRecord,
         exc: StoreUnavailableError | BrokerUnavailableError,
-        log: _InvocationLog,
     ) -> None:
         """The invocation's data could not be reached: no outcome, run it again later.
 
@@ -550,7 +553,7 @@ class Worker:
         info = error_info(self.app.serializer, exc)
         await self._schedule_retry(delivery, record, info, delay, "put it back in its queue")
         self.stats.postponed += 1
-        log.warning(
+        _log_for(record).warning(
             "attempt %d could not run (%s); trying again in %.2f s", record.attempt, exc, delay
         )
 
@@ -582,7 +585,6 @@ class Worker:
         record: InvocationRecord,
         task: Task[Any, Any] | None,
         exc: Exception,
-        log: _InvocationLog,
     ) -> None:
         info = error_info(self.app.serializer, exc)
         now = time.time()
@@ -596,7 +598,7 @@ class Worker:
             delay = task.options.retry.delay(record.attempt)
             await self._schedule_retry(delivery, record, info, delay, "schedule its retry")
             self.stats.retried += 1
-            log.warning(
+            _log_for(record).warning(
                 "attempt %d failed (%s: %s); retrying in %.2f s",
                 record.attempt,
                 info.type_name,
@@ -607,4 +609,6 @@ class Worker:
         failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
         await self._record_outcome(delivery, failed)
         self.stats.failed += 1
-        log.warning("failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message)
+        _log_for(record).warning(
+            "failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message
+        )
