@@ -88,6 +88,7 @@ class TaskSpec:
 
     __slots__ = (
         "_defaults",
+        "_name_set",
         "_names",
         "_simple",
         "disable_offload",
@@ -122,6 +123,7 @@ class TaskSpec:
         self.typed = self.param_types if self.param_types else None
         params = list(self.signature.parameters.values()) if self.signature else []
         self._names = tuple(p.name for p in params)
+        self._name_set = frozenset(self._names)
         self._defaults = {p.name: p.default for p in params if p.default is not _EMPTY}
         # Plain positional-or-keyword parameters bind with a dict and a zip; anything
         # else (*args, **kwargs, keyword-only, positional-only) goes through inspect.
@@ -143,6 +145,19 @@ class TaskSpec:
         """Whether binding only maps names to parameters (no ``*args``/``**kwargs``,
         keyword-only or positional-only parameters), so bound keys are argument names."""
         return self.signature is not None and self._simple
+
+    def invoke(self, arguments: Mapping[str, Any]) -> Any:
+        """Call the function with loaded arguments (bound by name; extra names ignored).
+
+        :raises TypeError: as the function would, for missing arguments.
+        """
+        func = self.func
+        assert func is not None
+        assert self.signature is not None
+        if self._simple and arguments.keys() == self._name_set:
+            return func(**arguments)  # the usual case: every parameter, by name
+        bound = inspect.BoundArguments(self.signature, dict(arguments))
+        return func(*bound.args, **bound.kwargs)
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """Bind call arguments to the signature, defaults applied (pynenc's rule).

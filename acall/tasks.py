@@ -793,9 +793,7 @@ class Task(Generic[P, R]):
 
     def invoke(self, arguments: Mapping[str, Any]) -> Awaitable[Any] | Any:
         """Call the function with loaded arguments (bound by name)."""
-        assert self.spec.signature is not None
-        bound = inspect.BoundArguments(self.spec.signature, dict(arguments))
-        return self.func(*bound.args, **bound.kwargs)
+        return self.spec.invoke(arguments)
 
 
 def _return_annotation(func: Callable[..., Any]) -> Any:
