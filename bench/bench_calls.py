@@ -444,6 +444,39 @@ def _lazy(settings: Settings, acall: _Acall) -> Iterator[Figure]:
             yield from _lazy_on(settings, acall, store)
         finally:
             acall.run(store.close())
+        yield _lazy_floor(settings, server.url_for(0))
+
+
+def _lazy_floor(settings: Settings, url: str) -> Figure:
+    """The least any client must do for the same loads: MGET the serialized texts
+    (unframed, unhashed) and ``json.loads`` each, 8 vs 1 — the floor under the ratio."""
+    import json
+
+    import redis
+
+    texts = {
+        f"floor:a{k}": _SERIALIZER.dumps(text_of_size(1_000_000, tag=f"a{k}:")) for k in range(8)
+    }
+    with redis.Redis.from_url(url) as client:
+        client.mset(texts)
+        keys = list(texts)
+
+        def load(names: list[str]) -> list[Any]:
+            return [json.loads(raw) for raw in client.mget(names)]
+
+        if load(keys) != [json.loads(t) for t in texts.values()]:
+            raise BenchError("lazy floor: values read back differ")
+        timings = measure(
+            [Contender("8 args", load, keys), Contender("1 arg", load, keys[:1])], settings
+        )
+    return compare(
+        GROUP,
+        "lazy load floor: bare MGET + json.loads, 8 vs 1 x 1 MB",
+        timings,
+        "8 args",
+        "1 arg",
+        metric="time",
+    )
 
 
 def _lazy_on(settings: Settings, acall: _Acall, store: Store) -> Iterator[Figure]:

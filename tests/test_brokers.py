@@ -1374,6 +1374,57 @@ async def test_redis_prefixes_isolate_brokers(redis_url: str) -> None:
 
 
 @pytest.mark.redis
+async def test_redis_claim_rewrites_only_the_top_level_members(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """Receiving marks a record RUNNING by rewriting members of its stored JSON. Nested
+    members of the same names (arguments called status, attempt...), other layouts and
+    a claim of a record already RUNNING must all give the record Python would write."""
+    import json
+
+    db = int(redis_url.rsplit("/", 1)[1])
+    named = {"status": '"done"', "attempt": "7", "worker_id": '"w"', "updated_at": "1.5"}
+    nested_call = CallDTO(CallId(TaskId("tests.brokers", "w"), compute_args_id(named)), named)
+    async with open_broker(redis_url) as broker:
+        nested = _record(call=nested_call)
+        pretty = _record()
+        reordered = _record(attempt=2, status=InvocationStatus.RETRYING)
+        await broker.submit_many([nested, pretty, reordered])
+
+        def put(record: InvocationRecord, text: str) -> None:
+            key = f"acall:b:inv:{record.invocation_id}"
+            assert redis_server.command("SET", key, text, db=db) == "OK"
+
+        as_dict = json.loads(broker._encode(pretty))  # type: ignore[attr-defined]
+        put(pretty, json.dumps(as_dict, indent=2))  # whitespace everywhere
+        as_dict = json.loads(broker._encode(reordered))  # type: ignore[attr-defined]
+        put(reordered, json.dumps(dict(reversed(list(as_dict.items())))))  # members reversed
+        first = {d.invocation_id: d for d in await _receive(broker, consumer="c1")}
+        assert set(first) == {nested.invocation_id, pretty.invocation_id, reordered.invocation_id}
+        for original in (nested, pretty, reordered):
+            claimed = first[original.invocation_id].record
+            assert claimed is not None
+            assert claimed.status is InvocationStatus.RUNNING
+            assert claimed.attempt == original.attempt + 1
+            assert claimed.worker_id == "c1"
+            assert claimed.call == original.call  # nested members left alone
+            assert claimed.queue == original.queue
+            assert claimed.created_at == original.created_at
+            assert await broker.get(original.invocation_id) == claimed
+        assert first[nested.invocation_id].record.call.serialized_arguments == named  # type: ignore[union-attr]
+        # Delivered again after its visibility timeout, to the same consumer: status and
+        # worker stay, attempt and time move on.
+        await broker.release([first[nested.invocation_id]])
+        again = await _receive(broker, consumer="c1")
+        assert [d.invocation_id for d in again] == [nested.invocation_id]
+        reclaimed = again[0].record
+        assert reclaimed is not None
+        assert reclaimed.status is InvocationStatus.RUNNING
+        assert reclaimed.attempt == 2
+        assert reclaimed.worker_id == "c1"
+        assert reclaimed.call == nested.call
+
+
 async def test_redis_missing_and_damaged_records_are_delivered_as_none(
     redis_url: str, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -31,6 +31,23 @@ def simple(a: Any, b: Any, c: Any = 3) -> None: ...
 def varied(a: Any, /, b: Any, *rest: Any, k: Any = 1, **extra: Any) -> None: ...
 
 
+def test_invoke_passes_loaded_arguments_by_name_and_ignores_unknown_names() -> None:
+    seen: list[tuple[Any, ...]] = []
+
+    def plain(a: Any, b: Any, c: Any = 3) -> None:
+        seen.append((a, b, c))
+
+    def mixed(a: Any, /, b: Any, *rest: Any, k: Any = 1, **extra: Any) -> None:
+        seen.append((a, b, rest, k, extra))
+
+    TaskSpec(plain).invoke({"a": 1, "b": 2, "c": 3})
+    TaskSpec(plain).invoke({"c": 30, "b": 20, "a": 10, "stale": 0})  # an extra name: ignored
+    TaskSpec(mixed).invoke({"a": 1, "b": 2, "rest": (3, 4), "k": 5, "extra": {"x": 6}})
+    assert seen == [(1, 2, 3), (10, 20, 30), (1, 2, (3, 4), 5, {"x": 6})]
+    with pytest.raises(TypeError, match="'b'"):
+        TaskSpec(plain).invoke({"a": 1, "c": 3})
+
+
 def keyed(user_id: Any, region: Any, frame: Any = None) -> None: ...
 
 

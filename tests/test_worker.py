@@ -62,6 +62,18 @@ async def test_async_and_sync_tasks_round_trip(app: App) -> None:
     assert worker.stats.succeeded == 2
 
 
+async def test_every_kind_of_parameter_reaches_the_function(app: App) -> None:
+    async def body() -> None:
+        mixed = await wa.signature_mix.submit(1, 2, 3, 4, k=5, x=6, w=7)
+        plain = await wa.multiply_sync.submit(b=3, a=7)
+        defaults = await wa.signature_mix.submit("a", "b")
+        assert await mixed.result(timeout=5) == [1, 2, [3, 4], 5, {"w": 7, "x": 6}]
+        assert await plain.result(timeout=5) == 21
+        assert await defaults.result(timeout=5) == ["a", "b", [], 1, {}]
+
+    await _with_worker(app, body)
+
+
 async def test_typed_return_value(app: App) -> None:
     async def body() -> None:
         h = await wa.summarize.submit([1.0, 2.5])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Any
 
 import anyio
 
@@ -32,6 +33,12 @@ async def add(a: int, b: int) -> int:
 @app.task
 def multiply_sync(a: int, b: int) -> int:
     return a * b
+
+
+@app.task
+async def signature_mix(a: Any, /, b: Any, *rest: Any, k: Any = 1, **extra: Any) -> list[Any]:
+    """Every kind of parameter: the worker must pass each back the way it was bound."""
+    return [a, b, list(rest), k, dict(sorted(extra.items()))]
 
 
 @app.task

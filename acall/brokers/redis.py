@@ -226,15 +226,6 @@ local function members(text)
   return nil
 end
 
--- The text of a top-level member's value, or nil.
-local function member_text(text, spans, key)
-  local span = spans[key]
-  if span then
-    return string.sub(text, span[1], span[2])
-  end
-  return nil
-end
-
 -- `text` with the values of top-level members replaced, or appended when missing.
 -- `values`: a list of {key, value as JSON text}.
 local function with_members(text, spans, close, values)
@@ -268,18 +259,68 @@ local function with_members(text, spans, close, values)
   return table.concat(parts)
 end
 
--- The status of a stored record ('pending' when the member is missing, as the DTO's
--- default), or nil if the text cannot be read.
-local function record_status(text)
-  local spans = members(text)
-  if not spans then
+-- `text` with the top-level members in `changes` ({key, value as JSON text, value as
+-- decoded} each) rewritten, where each member is found by a plain search for its key:
+-- a few calls instead of walking every member (about 22 microseconds for a small
+-- record). The first member of that name may be a nested one, so the result is decoded
+-- and must show every new value at the top level; each change must alter its member
+-- (the caller leaves out equal values), so a value can only show there if its own
+-- member was rewritten. Returns nil when that is not certain (a nested member found
+-- first, a missing or repeated member): the caller then walks every member.
+local function rewrite_members_fast(text, changes)
+  local spans = {}
+  local order = {}
+  for _, change in ipairs(changes) do
+    local _, colon = string.find(text, '"' .. change[1] .. '":', 1, true)
+    if not colon then
+      return nil
+    end
+    local last = value_end(text, colon + 1)
+    if not last then
+      return nil
+    end
+    spans[change[1]] = {colon + 1, last}
+    order[#order + 1] = spans[change[1]]
+  end
+  table.sort(order, function(a, b) return a[1] < b[1] end)
+  for i = 2, #order do
+    if order[i][1] <= order[i - 1][2] then
+      return nil  -- one found inside another: not top-level members
+    end
+  end
+  local edited = with_members(text, spans, nil, changes)
+  local ok, doc = pcall(cjson.decode, edited)
+  if not ok or type(doc) ~= 'table' then
     return nil
   end
-  local status = member_text(text, spans, 'status')
+  for _, change in ipairs(changes) do
+    if doc[change[1]] ~= change[3] then
+      return nil
+    end
+  end
+  return edited
+end
+
+-- The status of a stored record ('pending' when the member is missing, as the DTO's
+-- default), or nil if the text is not a JSON object with a readable status. Read with
+-- cjson: decoding in C costs a tenth of walking the members in Lua (about 2 against
+-- 22 microseconds for a small record); only rewriting needs the members' positions.
+local function record_status(text)
+  if not string.find(text, '^%s*{') then
+    return nil
+  end
+  local ok, doc = pcall(cjson.decode, text)
+  if not ok or type(doc) ~= 'table' then
+    return nil
+  end
+  local status = doc['status']
   if status == nil then
     return 'pending'
   end
-  return string.match(status, '^"([a-z]+)"$')
+  if type(status) ~= 'string' then
+    return nil
+  end
+  return string.match(status, '^([a-z]+)$')
 end
 """
 
@@ -523,42 +564,61 @@ local consumer = ARGV[2]
 local remaining = tonumber(ARGV[3])
 local timeout = tonumber(ARGV[4])
 local worker_json = ARGV[5]
+local worker = cjson.decode(worker_json)
 local now = server_time()
 local out = {{}}
 
 -- Mark a claimed invocation's record RUNNING (attempt + 1, this worker, now) and
 -- return it; a final or unreadable record is returned as it is, a missing one as false.
+-- The record is read with cjson (C, fast); its members are then rewritten in place.
 local function claim_record(id)
   local json = redis.call('GET', prefix .. 'inv:' .. id)
   if not json then
     return false
   end
-  local spans, close = members(json)
-  if not spans then
+  if not string.find(json, '^%s*{{') then
     return json
   end
-  local status = 'pending'
-  local status_text = member_text(json, spans, 'status')
-  if status_text then
-    status = string.match(status_text, '^"([a-z]+)"$')
-  end
-  if not status or not KNOWN[status] or FINAL[status] then
+  local ok, doc = pcall(cjson.decode, json)
+  if not ok or type(doc) ~= 'table' then
     return json
   end
-  local attempt = 0
-  local attempt_text = member_text(json, spans, 'attempt')
-  if attempt_text then
-    attempt = tonumber(attempt_text)
-    if not attempt or attempt ~= math.floor(attempt) then
+  local status = doc['status']
+  if status == nil then
+    status = 'pending'
+  elseif type(status) ~= 'string' then
+    return json
+  end
+  if not KNOWN[status] or FINAL[status] then
+    return json
+  end
+  local attempt = doc['attempt']
+  if attempt == nil then
+    attempt = 0
+  elseif type(attempt) ~= 'number' or attempt ~= math.floor(attempt) then
+    return json
+  end
+  -- {{key, JSON text, decoded value}} for each member that changes.
+  local changes = {{}}
+  if status ~= 'running' then
+    changes[#changes + 1] = {{'status', '"running"', 'running'}}
+  end
+  changes[#changes + 1] = {{'attempt', string.format('%d', attempt + 1), attempt + 1}}
+  if doc['worker_id'] ~= worker then
+    changes[#changes + 1] = {{'worker_id', worker_json, worker}}
+  end
+  local updated = string.format('%.6f', now)
+  if doc['updated_at'] ~= tonumber(updated) then
+    changes[#changes + 1] = {{'updated_at', updated, tonumber(updated)}}
+  end
+  local claimed = rewrite_members_fast(json, changes)
+  if not claimed then
+    local spans, close = members(json)
+    if not spans then
       return json
     end
+    claimed = with_members(json, spans, close, changes)
   end
-  local claimed = with_members(json, spans, close, {{
-    {{'status', '"running"'}},
-    {{'attempt', string.format('%d', attempt + 1)}},
-    {{'worker_id', worker_json}},
-    {{'updated_at', string.format('%.6f', now)}},
-  }})
   store_record(id, claimed, 'running', '', now, nil, status)
   return claimed
 end
