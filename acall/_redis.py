@@ -19,12 +19,14 @@ from acall.errors import AcallError, ConfigurationError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
 
 __all__ = [
     "CONNECTION_OPTIONS",
     "DEFAULT_PORT",
     "RedisConnection",
     "check_settings",
+    "packed_by_hiredis",
     "redact_url",
     "shown_url",
     "url_arguments",
@@ -210,6 +212,39 @@ def url_arguments(
     }
 
 
+def packed_by_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """*base* with commands packed by hiredis (C) when it is installed, else *base*.
+
+    redis-py's asyncio connections pack commands in Python, re-joining a growing
+    buffer for each argument: a broker script call carrying 500 records of 7 arguments
+    spent about a millisecond there. hiredis packs the same bytes in one C call. Meant
+    for clients whose commands are small (one whole copy per command; redis-py's packer
+    keeps large values out of the joined buffer).
+    """
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return base
+
+    class HiredisPacked(base):  # type: ignore[valid-type,misc]
+        def pack_command(self, *args: Any) -> list[bytes]:
+            name = args[0].decode() if isinstance(args[0], bytes) else args[0]
+            # As redis-py does: a command name of several words ('SCRIPT LOAD') is sent
+            # as separate arguments.
+            if isinstance(name, str) and " " in name:
+                args = (*name.split(), *args[1:])
+            try:
+                return [pack_command(args)]
+            except (TypeError, UnicodeError):
+                # An argument redis-py refuses with its own error (DataError), or one
+                # hiredis does not take: redis-py's packer says which.
+                packed: list[bytes] = super().pack_command(*args)
+                return packed
+
+    HiredisPacked.__name__ = HiredisPacked.__qualname__ = f"HiredisPacked{base.__name__}"
+    return HiredisPacked
+
+
 class RedisConnection:
     """A ``redis.asyncio`` client on a blocking connection pool, and its error reporting.
 
@@ -222,6 +257,8 @@ class RedisConnection:
     :param error: raised by :meth:`call` for a failed command.
     :param unavailable: raised by :meth:`call` when the server cannot be reached or
         refuses the credentials.
+    :param small_commands: every command carries small values only (a broker's
+        records, not a store's blobs): pack them with hiredis when it is installed.
     :ivar client: the client.
     """
 
@@ -245,9 +282,10 @@ class RedisConnection:
         decode_responses: bool,
         error: type[AcallError],
         unavailable: type[AcallError],
+        small_commands: bool = False,
     ) -> None:
         from redis.asyncio import BlockingConnectionPool, Redis
-        from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection
+        from redis.asyncio.connection import Connection, SSLConnection
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialWithJitterBackoff
 
@@ -262,6 +300,8 @@ class RedisConnection:
         if ssl:
             connection_class = SSLConnection
             tls = {"ssl_ca_certs": ssl_ca_certs, "ssl_cert_reqs": ssl_cert_reqs}
+        if small_commands:
+            connection_class = packed_by_hiredis(connection_class)
         pool = BlockingConnectionPool(
             max_connections=max_connections,
             connection_class=connection_class,

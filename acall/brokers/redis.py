@@ -367,7 +367,9 @@ end
 
 -- When an invocation of a call finished: if none of the call's invocations is left
 -- unfinished, let the call index expire with the longest-lived record (ids whose
--- record is gone are dropped); otherwise it stays persistent.
+-- record is gone are dropped); otherwise it stays persistent. One PTTL per listed id:
+-- only finished records expire, so a record without an expiry is unfinished (or kept
+-- forever), either way keeping the index.
 local function settle_call_index(index, now)
   if redis.call('ZCARD', index) > CALL_SETTLE_MAX then
     return
@@ -375,25 +377,21 @@ local function settle_call_index(index, now)
   local last = nil
   local gone = {}
   for _, id in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if is_live(id) then
-      return
-    end
     local expires = settled[id]
     if expires == nil then
-      for _, s in ipairs(FINALS) do
-        local score = redis.call('ZSCORE', prefix .. 'status:' .. s, id)
-        if score then
-          expires = tonumber(score)
-          if expires == nil then
-            return  -- a record that never expires ('inf')
-          end
-        end
+      local ttl = redis.call('PTTL', prefix .. 'inv:' .. id)
+      if ttl == -1 then
+        return
+      elseif ttl == -2 then
+        expires = now  -- the record is gone
+      else
+        expires = now + ttl / 1000
       end
     end
     if expires == math.huge then
       return  -- a record that never expires
     end
-    if expires == nil or expires <= now then
+    if expires <= now then
       gone[#gone + 1] = id
     elseif last == nil or expires > last then
       last = expires
@@ -968,6 +966,7 @@ class RedisBroker(BrokerBase):
             decode_responses=True,
             error=BrokerError,
             unavailable=BrokerUnavailableError,
+            small_commands=True,
         )
         self._client: Redis = self._redis.client
         self._submit = self._client.register_script(_SUBMIT)
