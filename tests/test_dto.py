@@ -182,3 +182,80 @@ def test_any_json_either_decodes_or_raises_dto_error(doc: Any) -> None:
     for cls in (CallDTO, InvocationRecord):
         with contextlib.suppress(DTOValidationError):
             codec.from_dict(doc, cls)
+
+
+# -- the quick path for records: same result as the converter, or none ----------------
+
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.sampled_from([2**1023, -(2**1024), 10**400, 1.5, float("nan"), float("inf"), -0.0]),
+    st.text(max_size=6),
+    st.sampled_from(["pending", "running", "success", "failed", "retrying", "\ud800", "Success"]),
+    st.lists(st.integers(), max_size=2),
+    st.fixed_dictionaries({"type_name": st.text(max_size=4), "message": st.text(max_size=4)}),
+    st.dictionaries(st.sampled_from(["type_name", "message", "serialized", "x"]), st.none()),
+)
+
+
+@st.composite
+def _record_documents(draw: st.DrawFn) -> dict[str, Any]:
+    """Documents of valid records, then some members replaced, removed or added."""
+    status = draw(st.sampled_from(list(InvocationStatus)))
+    error = draw(
+        st.none()
+        | st.builds(ErrorInfo, st.text(max_size=5), st.text(max_size=5), st.none() | st.text())
+    )
+    record = _record(
+        status=status,
+        attempt=draw(st.integers(0, 3)),
+        error=error,
+        result=draw(st.none() | st.text(max_size=5)),
+        not_before=draw(st.none() | st.floats(0, 1e10)),
+        worker_id=draw(st.none() | st.text(max_size=5)),
+    )
+    doc = make_converter().unstructure(record)
+    assert isinstance(doc, dict)
+    for name in draw(st.lists(st.sampled_from([*sorted(doc), "extra"]), max_size=3)):
+        action = draw(st.sampled_from(["replace", "remove"]))
+        if action == "remove" and name not in ("created_at", "updated_at"):
+            doc.pop(name, None)  # (a missing time is read as now: not comparable)
+        else:
+            doc[name] = draw(_FIELD_VALUES)
+    if isinstance(doc.get("call"), dict) and draw(st.booleans()):
+        doc["call"] = dict(doc["call"])
+        doc["call"]["serialized_arguments"] = draw(
+            st.dictionaries(st.text(max_size=3), _FIELD_VALUES, max_size=2)
+        )
+    return doc
+
+
+@given(_record_documents())
+def test_quick_record_gives_the_converters_record_or_leaves_it_to_the_converter(
+    doc: dict[str, Any],
+) -> None:
+    from acall.dto import quick_record
+
+    quick = quick_record(doc)
+    try:
+        full: InvocationRecord | None = make_converter().structure(doc, InvocationRecord)
+    except Exception:
+        full = None
+    if quick is not None:
+        assert full is not None, "the quick path accepted what the converter refuses"
+        assert quick == full
+
+
+def test_quick_record_takes_what_acall_writes(codec: DTOCodec) -> None:
+    from acall.dto import quick_record
+
+    record = _record(
+        status=InvocationStatus.FAILED,
+        error=ErrorInfo("ValueError", "bad é", '{"x": 1}', "Traceback..."),
+        dedup_key="app.tasks.work:" + "0" * 64,
+        timeout=2.5,
+    )
+    doc = json.loads(codec.to_json(record))
+    assert quick_record(doc) == record  # the quick path is the one taken
+    assert codec.from_json(codec.to_json(record), InvocationRecord) == record
