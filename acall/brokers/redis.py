@@ -16,7 +16,8 @@ Key layout (``p`` is the prefix, default ``acall:b:``; the data store's default 
                                 "acall-workers"; an entry is XACKed and XDELed on ack
     p inflight:{queue}  zset    stream entry id -> time its visibility timeout ends
     p delayed:{queue}   zset    invocation id -> time it becomes deliverable
-    p final             pub/sub channel: ids of invocations that became final
+    p final             pub/sub  ids of invocations that became final (one message
+                                per finished batch, separated by spaces)
 
 Every operation that reads and writes is one Lua script, so it is atomic: receive
 claims entries and marks their records RUNNING in one script, and finish records a
@@ -716,6 +717,7 @@ local now = server_time()
 local stored = 0
 local calls = {}
 local seen = {}
+local finished = {}
 for base = 3, #ARGV, 8 do
   local queue, entry, count = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local id, json, status = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
@@ -726,7 +728,7 @@ for base = 3, #ARGV, 8 do
   if current and not FINAL[prev or ''] then
     store_record(id, json, status, ttl_ms, now, nil, prev)
     release_dedup(dedup, id)
-    redis.call('PUBLISH', prefix .. 'final', id)
+    finished[#finished + 1] = id
     stored = stored + 1
     if not seen[call_key] then
       seen[call_key] = true
@@ -745,6 +747,9 @@ for _, call_key in ipairs(calls) do
   settle_call_index(prefix .. 'call:' .. call_key, now)
 end
 if stored > 0 then
+  -- One message for the batch (ids separated by spaces): each message costs every
+  -- subscriber a read and a parse.
+  redis.call('PUBLISH', prefix .. 'final', table.concat(finished, ' '))
   -- Drop ids whose records have expired, so the status sets stay bounded.
   for _, s in ipairs(FINALS) do
     redis.call('ZREMRANGEBYSCORE', prefix .. 'status:' .. s, '-inf', now)
@@ -1212,7 +1217,8 @@ class RedisBroker(BrokerBase):
                     if message is None:
                         break
                     if message["type"] == "message":
-                        ids.add(message["data"])
+                        # One message per finished batch: ids separated by spaces.
+                        ids.update(message["data"].split())
                     timeout = 0.0
                 if ids or time.monotonic() >= next_tick:
                     next_tick = time.monotonic() + _TICK
