@@ -430,7 +430,8 @@ class Call(_CallBase[R]):
                     if types is not None:
                         value = types.unstructure(name, value)
                     text = dumps(value)
-                if len(text) >= min_offload:
+                size = len(text)
+                if size >= min_offload:
                     prep = codec.route_text(text, offload=spec.offload_allowed(codec, name))
                     if prep.inline is None:
                         self._staged[name] = prep
@@ -440,7 +441,7 @@ class Call(_CallBase[R]):
                     raise _NeedsAsyncPath from exc
                 failures.append((name, exc))
                 continue
-            inline_chars += len(text)
+            inline_chars += size
             done[name] = text
         codec.stats["inline_chars"] += inline_chars
         return large
