@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 
 from acall._concurrency import SingleFlight
-from acall.codec import THREAD_MIN_CHARS, OffloadCodec, Prepared, estimate_chars
+from acall.codec import THREAD_MIN_CHARS, LoadFailure, OffloadCodec, Prepared, estimate_chars
 from acall.dto import CallDTO
 from acall.errors import (
     ArgumentTypeError,
@@ -53,6 +53,8 @@ _SCALAR_KINDS: frozenset[type] = frozenset({int, float, bool, type(None)})
 # Lists / tuples of scalars up to this length skip the size estimate.
 _FEW_ITEMS = 64
 _NO_TYPES: Mapping[str, Any] = MappingProxyType({})
+#: "No value" in a mapping where None is a value.
+_MISSING = object()
 
 # Inline texts shorter than this are decoded on the loop in LazyCall's fast path.
 _INLINE_FAST = 4096
@@ -695,18 +697,27 @@ class LazyCall(_CallBase[R]):
         key = self._call_id.key
         texts = {n: self._serialized[n] for n in names}
         refs = {n: t for n, t in texts.items() if t.startswith(REFERENCE_PREFIX)}
+        loaded: dict[str, Any] = {}
         if refs:
             try:
-                fetched = await self.codec.fetch_texts(refs.values())
+                # Large blobs come back deserialized too (checked and parsed by one
+                # thread each, so parsing one overlaps hashing the others).
+                fetched, values = await self.codec.fetch_loaded(refs.values())
             except (BlobNotFoundError, BlobCorruptedError) as exc:
                 name = next((n for n, r in refs.items() if r == exc.reference), "?")
                 raise _with_call_context(exc, name, key) from None
             for n, ref in refs.items():
                 texts[n] = fetched[ref]
-        loaded: dict[str, Any] = {}
-        large = [n for n, t in texts.items() if len(t) >= THREAD_MIN_CHARS]
+                # A value object goes to one argument only (two arguments may share a
+                # blob; each must get its own object).
+                value = values.pop(ref, _MISSING)
+                if isinstance(value, LoadFailure):
+                    raise _with_call_context(value.error, n, key) from None
+                if value is not _MISSING:
+                    loaded[n] = value
+        large = [n for n, t in texts.items() if n not in loaded and len(t) >= THREAD_MIN_CHARS]
         for n, t in texts.items():
-            if n not in large:
+            if n not in loaded and n not in large:
                 loaded[n] = self._decode_small(n, t, key)
         if large:
             errors: list[Exception] = []

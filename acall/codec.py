@@ -60,6 +60,7 @@ from acall.stores.base import Store
 
 __all__ = [
     "Compression",
+    "LoadFailure",
     "OffloadCodec",
     "OffloadSettings",
     "Prepared",
@@ -465,6 +466,25 @@ def _decode_single(ref: str, blob: bytes, header: _Header, verify: bool) -> str:
     return dec.finish(verify)
 
 
+@attrs.frozen
+class LoadFailure:
+    """A value that could not be deserialized, in place of the value (see
+    :meth:`OffloadCodec.fetch_loaded`)."""
+
+    error: Exception
+
+
+def _decode_and_load(
+    ref: str, blob: bytes, header: _Header, verify: bool, loads: Callable[[str], Any]
+) -> tuple[str, Any | LoadFailure]:
+    """Check and decode a blob, then deserialize its text, in one worker thread."""
+    text = _decode_single(ref, blob, header, verify)
+    try:
+        return text, loads(text)
+    except Exception as exc:
+        return text, LoadFailure(exc)
+
+
 # ---------------------------------------------------------------------------- codec
 
 
@@ -670,6 +690,26 @@ class OffloadCodec:
         :raises BlobNotFoundError: naming a reference that is not stored.
         :raises BlobCorruptedError: naming a reference whose blob fails its checks.
         """
+        texts, _ = await self._fetch(refs, None)
+        return texts
+
+    async def fetch_loaded(
+        self, refs: Iterable[str]
+    ) -> tuple[dict[str, str], dict[str, Any | LoadFailure]]:
+        """:meth:`fetch_texts`, plus the values of the large blobs it fetched itself.
+
+        Each such blob is checked and deserialized by the same worker thread, so one
+        value is parsed (holding the GIL) while the other blobs are still being hashed
+        (which releases it). Values are keyed by reference; a deserialization error is
+        returned as a :class:`LoadFailure` in its place, for the caller to attribute.
+        Cached texts and texts fetched by another task come without a value.
+        """
+        return await self._fetch(refs, self.serializer.loads)
+
+    async def _fetch(
+        self, refs: Iterable[str], loads: Callable[[str], Any] | None
+    ) -> tuple[dict[str, str], dict[str, Any | LoadFailure]]:
+        values: dict[str, Any | LoadFailure] = {}
         wanted = list(dict.fromkeys(validate_reference(r) for r in refs))
         found: dict[str, str] = {}
         waiting = []
@@ -687,7 +727,7 @@ class OffloadCodec:
         if missing:
             flights = {ref: self._fetches.start(ref) for ref in missing}
             try:
-                texts = await self._fetch_from_store(missing)
+                texts = await self._fetch_from_store(missing, loads, values)
             except BaseException as exc:
                 for ref, flight in flights.items():
                     self._fetches.finish(ref, flight, error=exc)
@@ -700,9 +740,14 @@ class OffloadCodec:
             if flight.abandoned:  # the leader was cancelled: fetch it ourselves
                 text = (await self.fetch_texts([ref]))[ref]
             found[ref] = text
-        return found
+        return found, values
 
-    async def _fetch_from_store(self, refs: list[str]) -> dict[str, str]:
+    async def _fetch_from_store(
+        self,
+        refs: list[str],
+        loads: Callable[[str], Any] | None = None,
+        values: dict[str, Any | LoadFailure] | None = None,
+    ) -> dict[str, str]:
         blobs = await self.store.get_many(refs)
         self.stats["fetches"] += 1
         out: dict[str, str] = {}
@@ -722,7 +767,7 @@ class OffloadCodec:
                 out[ref] = _decode_single(ref, blob, header, verify)
         if len(large) == 1:
             ref, blob, header = large[0]
-            out[ref] = await self._decode_large(ref, blob, header)
+            out[ref] = await self._decode_large(ref, blob, header, loads, values)
         elif large:
             # Checksums and hashing release the GIL: several large blobs verify in
             # parallel threads. The first error is raised as itself.
@@ -730,7 +775,7 @@ class OffloadCodec:
 
             async def decode(ref: str, blob: bytes, header: _Header) -> None:
                 try:
-                    out[ref] = await self._decode_large(ref, blob, header)
+                    out[ref] = await self._decode_large(ref, blob, header, loads, values)
                 except Exception as exc:
                     errors.append(exc)
 
@@ -743,11 +788,24 @@ class OffloadCodec:
             self._cache_put(ref, out[ref])
         return out
 
-    async def _decode_large(self, ref: str, blob: bytes, header: _Header) -> str:
+    async def _decode_large(
+        self,
+        ref: str,
+        blob: bytes,
+        header: _Header,
+        loads: Callable[[str], Any] | None = None,
+        values: dict[str, Any | LoadFailure] | None = None,
+    ) -> str:
         if header.kind == _KIND_MANIFEST:
             return await self._fetch_chunked(ref, header)
         verify = self.settings.verify_content
-        return await anyio.to_thread.run_sync(_decode_single, ref, blob, header, verify)
+        if loads is None or values is None:
+            return await anyio.to_thread.run_sync(_decode_single, ref, blob, header, verify)
+        text, value = await anyio.to_thread.run_sync(
+            _decode_and_load, ref, blob, header, verify, loads
+        )
+        values[ref] = value
+        return text
 
     async def _fetch_chunked(self, ref: str, header: _Header) -> str:
         dec = _Decoder(ref, header)

@@ -267,6 +267,60 @@ async def test_lazy_arguments_use_one_batched_fetch(store: CountingStore) -> Non
     assert store.calls["get_many"] == 1  # cached on the LazyCall
 
 
+async def test_lazy_large_blobs_are_parsed_once_each_into_objects_of_their_own(
+    store: CountingStore,
+) -> None:
+    # Blobs above the thread threshold are checked and parsed by one worker thread each;
+    # two arguments with equal values share one blob but must not share one object.
+    def four(a: Any, b: Any, c: Any, d: Any) -> None: ...
+
+    big = list(range(60_000))  # about 400 KB of JSON: parsed in a thread
+    other = {"rows": [str(i) for i in range(40_000)]}
+    spec = TaskSpec(four)
+    call: Call[Any] = Call.from_args(spec, OffloadCodec(store), big, list(big), other, 7)
+    await call.serialize()
+    refs = call.serialized_arguments
+    assert refs["a"] == refs["b"] != refs["c"]
+    assert refs["a"].startswith(REFERENCE_PREFIX)
+    reader = OffloadCodec(store, serializer=CountingSerializer())
+    values = await LazyCall.from_dto(spec, reader, call.to_dto()).arguments()
+    assert values == {"a": big, "b": big, "c": other, "d": 7}
+    assert values["a"] is not values["b"]
+    values["a"].append(-1)
+    assert values["b"] == big
+    assert store.calls["get_many"] == 1
+    serializer = reader.serializer
+    assert isinstance(serializer, CountingSerializer)
+    assert serializer.loaded == 4  # a, b (from the same text), c and d: once each
+
+
+async def test_lazy_large_blob_that_fails_to_parse_names_argument_and_call(
+    store: CountingStore,
+) -> None:
+    from acall import DeserializationError
+
+    spec = TaskSpec(keyed)
+    call: Call[Any] = Call.from_args(spec, OffloadCodec(store), 1, "eu", frame="f" * 300_000)
+    await call.serialize()
+    # A reader whose serializer refuses what it reads: the failure happens in the thread
+    # that checked the blob, and must still name the argument and the call.
+
+    class Refusing(CountingSerializer):
+        def loads(self, text: str) -> Any:
+            if len(text) > 1000:
+                raise DeserializationError("refused for the test")
+            return super().loads(text)
+
+    lazy: LazyCall[Any] = LazyCall.from_dto(
+        spec, OffloadCodec(store, serializer=Refusing()), call.to_dto()
+    )
+    with pytest.raises(DeserializationError) as info:
+        await lazy.arguments()
+    assert "'frame'" in str(info.value)
+    assert call.call_id.key in str(info.value)
+    assert "refused for the test" in str(info.value)
+
+
 async def test_lazy_missing_blob_names_argument_and_call(store: CountingStore) -> None:
     from acall import BlobNotFoundError
 
