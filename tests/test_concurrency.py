@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -57,6 +59,17 @@ async def test_wakeup_set_after_a_cancelled_sleep_is_kept_for_the_next() -> None
 # -- GroupCommit ------------------------------------------------------------------------
 
 
+def _recorder(
+    commit: GroupCommit[int, int], results: dict[int, int]
+) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """A caller that submits *i* and records its result under *i*."""
+
+    async def one(i: int) -> None:
+        results[i] = await commit.submit(i)
+
+    return one
+
+
 class _Writes:
     """A write function recording its batches; the first call can be held open."""
 
@@ -84,9 +97,7 @@ async def test_concurrent_submits_share_batches_and_get_their_own_results() -> N
     writes = _Writes()
     commit: GroupCommit[int, int] = GroupCommit(writes)
     results: dict[int, int] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await commit.submit(i)
+    one = _recorder(commit, results)
 
     async with anyio.create_task_group() as tg:
         for i in range(50):
@@ -110,9 +121,7 @@ async def test_a_cancelled_writer_does_not_fail_the_others_of_its_batch() -> Non
     writes = _Writes(hold_first=True)
     commit: GroupCommit[int, int] = GroupCommit(writes)
     results: dict[int, int] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await commit.submit(i)
+    one = _recorder(commit, results)
 
     writer_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
@@ -141,9 +150,7 @@ async def test_a_cancelled_writer_hands_its_in_flight_batch_to_the_next() -> Non
     writes = _Writes(hold_first=True)
     commit: GroupCommit[int, int] = GroupCommit(writes)
     results: dict[int, int] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await commit.submit(i)
+    one = _recorder(commit, results)
 
     writer = asyncio.ensure_future(one(0))
     others = [asyncio.ensure_future(one(i)) for i in (1, 2)]
@@ -164,9 +171,7 @@ async def test_items_of_a_batch_cut_by_its_writers_cancellation_are_written_agai
     writes = _Writes(hold_first=True, hold_call=2)
     commit: GroupCommit[int, int] = GroupCommit(writes)
     results: dict[int, int] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await commit.submit(i)
+    one = _recorder(commit, results)
 
     writer = asyncio.ensure_future(one(0))
     await asyncio.sleep(0)  # task 0 starts writing [0]
@@ -189,9 +194,7 @@ async def test_a_cancelled_sleeper_is_not_written_and_does_not_stall_the_rest() 
     writes = _Writes(hold_first=True)
     commit: GroupCommit[int, int] = GroupCommit(writes)
     results: dict[int, int] = {}
-
-    async def one(i: int) -> None:
-        results[i] = await commit.submit(i)
+    one = _recorder(commit, results)
 
     first = asyncio.ensure_future(one(0))
     await writes.entered.wait()
