@@ -421,11 +421,10 @@ class DTOCodec:
             raise DTOValidationError(
                 what, [("", f"expected a JSON object, got {type(data).__name__}")]
             )
-        obj: Any = None
         if cls is InvocationRecord:
             self._check_version(data)
-            obj = quick_record(data)
         try:
+            obj: Any = quick_record(data) if cls is InvocationRecord else None
             if obj is None:
                 obj = self.converter.structure(data, cls)
         except BaseValidationError as exc:
