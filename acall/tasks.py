@@ -337,11 +337,15 @@ def _default_store_url(broker: Broker | str) -> str:
     )
 
 
-class _Waiter:
-    __slots__ = ("expired", "record", "wake")
+class _Waiter(Wakeup):
+    """One awaited handle: its own wake-up call (one object per handle, not two: when
+    thousands are awaited at once, the garbage collector walks each of them again and
+    again), the record once final, and whether its time is up."""
+
+    __slots__ = ("expired", "record")
 
     def __init__(self) -> None:
-        self.wake = Wakeup()
+        super().__init__()
         self.record: InvocationRecord | None = None
         self.expired = False
 
@@ -350,7 +354,7 @@ class _Waiter:
 
     def expire(self) -> None:
         self.expired = True
-        self.wake.set()
+        self.set()
 
 
 class _ResultWaiter:
@@ -382,7 +386,7 @@ class _ResultWaiter:
             started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
             try:
-                record = await self._lookup.submit(invocation_id, me.wake)
+                record = await self._lookup.submit(invocation_id, me)
             except BrokerUnavailableError as exc:
                 record = await self._look_up_again(invocation_id, exc, started, timeout)
             if record is None:
@@ -461,14 +465,14 @@ class _ResultWaiter:
                 if me.record is None:
                     raise TimeoutError
             else:
-                await me.wake.sleep()
+                await me.sleep()
         return me.record
 
     def _hand_over(self, leaving: _Waiter) -> None:
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if waiter.record is None and waiter is not leaving:
-                    waiter.wake.set()
+                    waiter.set()
                     return
 
     async def _lead(self, me: _Waiter) -> None:
@@ -519,7 +523,7 @@ class _ResultWaiter:
                 if record is not None and record.status.is_final:
                     for waiter in self._waiters.get(record.invocation_id, ()):
                         waiter.record = record
-                        waiter.wake.set()
+                        waiter.set()
 
 
 async def _close_quietly(stream: AsyncGenerator[set[str], None]) -> None:
