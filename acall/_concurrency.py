@@ -1,4 +1,8 @@
-"""Small concurrency building blocks on anyio: single-flight results, group commit."""
+"""Small concurrency building blocks: single-flight results, wake-up calls, group commit.
+
+acall runs on asyncio: the hot paths (a wake-up call per awaited handle) use bare asyncio
+futures, the rest anyio primitives.
+"""
 
 from __future__ import annotations
 
