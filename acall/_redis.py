@@ -221,6 +221,9 @@ def packed_by_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection
     for clients whose commands are small (one whole copy per command; redis-py's packer
     keeps large values out of the joined buffer).
     """
+    known = _PACKED.get(base)
+    if known is not None:  # one class per connection class, however many clients open
+        return known
     try:
         from hiredis import pack_command
     except ImportError:
@@ -242,7 +245,11 @@ def packed_by_hiredis(base: type[AbstractConnection]) -> type[AbstractConnection
                 return packed
 
     HiredisPacked.__name__ = HiredisPacked.__qualname__ = f"HiredisPacked{base.__name__}"
+    _PACKED[base] = HiredisPacked
     return HiredisPacked
+
+
+_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
 class RedisConnection:

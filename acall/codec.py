@@ -551,8 +551,7 @@ class OffloadCodec:
         if estimate_chars(value, THREAD_MIN_CHARS) < THREAD_MIN_CHARS:
             prep = self.prepare_small(value, offload=offload)
             if prep.inline is not None:  # the usual case (a small result): no await
-                self.stats["inline_chars"] += len(prep.inline)
-                return prep.inline
+                return self._kept_inline(prep.inline)
         else:
             prep = await self.prepare_large(value, offload=offload)
         return await self.commit(prep)
@@ -630,11 +629,14 @@ class OffloadCodec:
             stored=stored,
         )
 
+    def _kept_inline(self, text: str) -> str:
+        self.stats["inline_chars"] += len(text)
+        return text
+
     async def commit(self, prep: Prepared) -> str:
         """Store a prepared reference (once per process) and return the serialized value."""
         if prep.inline is not None:
-            self.stats["inline_chars"] += len(prep.inline)
-            return prep.inline
+            return self._kept_inline(prep.inline)
         ref = prep.reference
         assert ref is not None
         known_at = self._known.get(ref)
@@ -690,8 +692,7 @@ class OffloadCodec:
         :raises BlobNotFoundError: naming a reference that is not stored.
         :raises BlobCorruptedError: naming a reference whose blob fails its checks.
         """
-        texts, _ = await self._fetch(refs, None)
-        return texts
+        return await self._fetch(refs, None)
 
     async def fetch_loaded(
         self, refs: Iterable[str]
@@ -704,12 +705,14 @@ class OffloadCodec:
         returned as a :class:`LoadFailure` in its place, for the caller to attribute.
         Cached texts and texts fetched by another task come without a value.
         """
-        return await self._fetch(refs, self.serializer.loads)
+        values: dict[str, Any | LoadFailure] = {}
+        return await self._fetch(refs, values), values
 
     async def _fetch(
-        self, refs: Iterable[str], loads: Callable[[str], Any] | None
-    ) -> tuple[dict[str, str], dict[str, Any | LoadFailure]]:
-        values: dict[str, Any | LoadFailure] = {}
+        self, refs: Iterable[str], values: dict[str, Any | LoadFailure] | None
+    ) -> dict[str, str]:
+        """The texts of *refs*; with *values*, large blobs fetched here are also
+        deserialized into it (see :meth:`fetch_loaded`)."""
         wanted = list(dict.fromkeys(validate_reference(r) for r in refs))
         found: dict[str, str] = {}
         waiting = []
@@ -727,7 +730,7 @@ class OffloadCodec:
         if missing:
             flights = {ref: self._fetches.start(ref) for ref in missing}
             try:
-                texts = await self._fetch_from_store(missing, loads, values)
+                texts = await self._fetch_from_store(missing, values)
             except BaseException as exc:
                 for ref, flight in flights.items():
                     self._fetches.finish(ref, flight, error=exc)
@@ -740,13 +743,10 @@ class OffloadCodec:
             if flight.abandoned:  # the leader was cancelled: fetch it ourselves
                 text = (await self.fetch_texts([ref]))[ref]
             found[ref] = text
-        return found, values
+        return found
 
     async def _fetch_from_store(
-        self,
-        refs: list[str],
-        loads: Callable[[str], Any] | None = None,
-        values: dict[str, Any | LoadFailure] | None = None,
+        self, refs: list[str], values: dict[str, Any | LoadFailure] | None
     ) -> dict[str, str]:
         blobs = await self.store.get_many(refs)
         self.stats["fetches"] += 1
@@ -767,7 +767,7 @@ class OffloadCodec:
                 out[ref] = _decode_single(ref, blob, header, verify)
         if len(large) == 1:
             ref, blob, header = large[0]
-            out[ref] = await self._decode_large(ref, blob, header, loads, values)
+            out[ref] = await self._decode_large(ref, blob, header, values)
         elif large:
             # Checksums and hashing release the GIL: several large blobs verify in
             # parallel threads. The first error is raised as itself.
@@ -775,7 +775,7 @@ class OffloadCodec:
 
             async def decode(ref: str, blob: bytes, header: _Header) -> None:
                 try:
-                    out[ref] = await self._decode_large(ref, blob, header, loads, values)
+                    out[ref] = await self._decode_large(ref, blob, header, values)
                 except Exception as exc:
                     errors.append(exc)
 
@@ -789,20 +789,15 @@ class OffloadCodec:
         return out
 
     async def _decode_large(
-        self,
-        ref: str,
-        blob: bytes,
-        header: _Header,
-        loads: Callable[[str], Any] | None = None,
-        values: dict[str, Any | LoadFailure] | None = None,
+        self, ref: str, blob: bytes, header: _Header, values: dict[str, Any | LoadFailure] | None
     ) -> str:
         if header.kind == _KIND_MANIFEST:
             return await self._fetch_chunked(ref, header)
         verify = self.settings.verify_content
-        if loads is None or values is None:
+        if values is None:
             return await anyio.to_thread.run_sync(_decode_single, ref, blob, header, verify)
         text, value = await anyio.to_thread.run_sync(
-            _decode_and_load, ref, blob, header, verify, loads
+            _decode_and_load, ref, blob, header, verify, self.serializer.loads
         )
         values[ref] = value
         return text

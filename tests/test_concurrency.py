@@ -70,6 +70,20 @@ def _recorder(
     return one
 
 
+def _error_recorder(
+    commit: GroupCommit[int, int], errors: list[BaseException], kind: type[Exception]
+) -> Callable[[int], Coroutine[Any, Any, None]]:
+    """A caller that submits *i* and records the error of type *kind* it gets."""
+
+    async def one(i: int) -> None:
+        try:
+            await commit.submit(i)
+        except kind as exc:
+            errors.append(exc)
+
+    return one
+
+
 class _Writes:
     """A write function recording its batches; the first call can be held open."""
 
@@ -216,12 +230,7 @@ async def test_a_write_error_reaches_every_caller_of_the_batch() -> None:
     writes = _Writes(fail_with=ConnectionError("down"))
     commit: GroupCommit[int, int] = GroupCommit(writes)
     errors: list[BaseException] = []
-
-    async def one(i: int) -> None:
-        try:
-            await commit.submit(i)
-        except ConnectionError as exc:
-            errors.append(exc)
+    one = _error_recorder(commit, errors, ConnectionError)
 
     async with anyio.create_task_group() as tg:
         for i in range(5):
@@ -237,12 +246,7 @@ async def test_a_write_giving_the_wrong_number_of_results_fails_every_caller() -
 
     commit: GroupCommit[int, int] = GroupCommit(short)
     errors: list[BaseException] = []
-
-    async def one(i: int) -> None:
-        try:
-            await commit.submit(i)
-        except RuntimeError as exc:
-            errors.append(exc)
+    one = _error_recorder(commit, errors, RuntimeError)
 
     with anyio.fail_after(2):
         async with anyio.create_task_group() as tg:
