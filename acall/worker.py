@@ -38,7 +38,7 @@ import attrs
 from acall._concurrency import GroupCommit
 from acall.brokers.base import Delivery
 from acall.calls import LazyCall
-from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus
+from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, succeeded
 from acall.errors import (
     AcallError,
     ArgumentTypeError,
@@ -481,14 +481,7 @@ class Worker:
         except Exception as exc:
             await self._failed(delivery, running, task, exc)
             return
-        done = attrs.evolve(
-            running,
-            status=InvocationStatus.SUCCESS,
-            result=serialized,
-            error=None,
-            updated_at=time.time(),
-        )
-        await self._record_outcome(delivery, done)
+        await self._record_outcome(delivery, succeeded(running, serialized, time.time()))
         self.stats.succeeded += 1
         if logger.isEnabledFor(logging.INFO):
             _log_for(running).info("succeeded in %.3f s", time.perf_counter() - started)

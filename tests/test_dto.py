@@ -22,7 +22,7 @@ from acall import (
     TaskId,
     compute_args_id,
 )
-from acall.dto import RECORD_VERSION, make_converter, new_invocation_id
+from acall.dto import RECORD_VERSION, claimed, make_converter, new_invocation_id, succeeded
 
 ARGS = {"x": "1", "name": '"ada"', "blob": "__pynenc__client_data__:" + "ab" * 32}
 CALL = CallDTO(CallId(TaskId("app.tasks", "work"), compute_args_id(ARGS)), ARGS)
@@ -36,6 +36,54 @@ def codec() -> DTOCodec:
 def _record(**changes: Any) -> InvocationRecord:
     base = InvocationRecord(invocation_id=new_invocation_id(), call=CALL)
     return attrs.evolve(base, **changes)
+
+
+def _every_field_set() -> InvocationRecord:
+    """A record whose every field differs from its default (the check below lists each
+    field, so a field added later without a value here fails it)."""
+    values: dict[str, Any] = {
+        "invocation_id": new_invocation_id(),
+        "call": CALL,
+        "queue": "q1",
+        "status": InvocationStatus.RETRYING,
+        "attempt": 2,
+        "max_retries": 4,
+        "created_at": 100.0,
+        "updated_at": 200.0,
+        "not_before": 300.0,
+        "timeout": 5.0,
+        "worker_id": "w-old",
+        "dedup_key": "key",
+        "error": ErrorInfo("ValueError", "bad"),
+        "result": '"stale"',
+        "v": RECORD_VERSION + 1,
+    }
+    assert set(values) == {a.name for a in attrs.fields(InvocationRecord)}
+    record = InvocationRecord(**values)
+    defaults = InvocationRecord(invocation_id="x", call=CALL)
+    for a in attrs.fields(InvocationRecord):
+        if a.name not in ("invocation_id", "call"):
+            assert getattr(record, a.name) != getattr(defaults, a.name), a.name
+    return record
+
+
+def test_state_changes_equal_evolve() -> None:
+    """The fast constructors of the hot path keep every other field, as evolve does."""
+    record = _every_field_set()
+    assert claimed(record, "w-new", 400.0) == attrs.evolve(
+        record,
+        status=InvocationStatus.RUNNING,
+        attempt=3,
+        worker_id="w-new",
+        updated_at=400.0,
+    )
+    assert succeeded(record, '"done"', 500.0) == attrs.evolve(
+        record,
+        status=InvocationStatus.SUCCESS,
+        result='"done"',
+        error=None,
+        updated_at=500.0,
+    )
 
 
 def test_call_dto_json_shape(codec: DTOCodec) -> None:

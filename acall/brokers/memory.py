@@ -21,12 +21,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
 import anyio
-import attrs
 from anyio.lowlevel import checkpoint
 
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
 from acall.brokers.base import Delivery, ScannedRecord
-from acall.dto import InvocationRecord, InvocationStatus
+from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import ConfigurationError
 from acall.stores.base import validate_ttl
 
@@ -169,13 +168,7 @@ class _MemoryData:
             self.place(entry, now + visibility_timeout, now)
             record = self.records.get(entry.invocation_id)
             if record is not None and not record.status.is_final:
-                record = self.records[entry.invocation_id] = attrs.evolve(
-                    record,
-                    status=InvocationStatus.RUNNING,
-                    attempt=record.attempt + 1,
-                    worker_id=consumer,
-                    updated_at=wall_now,
-                )
+                record = self.records[entry.invocation_id] = claimed(record, consumer, wall_now)
             taken.append(
                 Delivery(
                     entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count, record

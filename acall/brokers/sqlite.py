@@ -44,12 +44,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Final, TypeVar
 
 import anyio
-import attrs
 
 from acall._sqlite import IN_CHUNK, SqliteRunner, check_file_settings, chunks, split_url
 from acall.brokers._common import DEFAULT_RECORD_TTL, FINAL_STATUSES, BrokerBase
 from acall.brokers.base import Delivery, ScannedRecord
-from acall.dto import InvocationRecord, InvocationStatus
+from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import BrokerError, BrokerUnavailableError
 from acall.stores.base import store_options, validate_ttl
 
@@ -330,13 +329,7 @@ class SqliteBroker(BrokerBase):
             for invocation_id, queue, receipt, count, _, text in rows:
                 record = self._decode_claimed(text, invocation_id)
                 if record is not None and not record.status.is_final:
-                    record = attrs.evolve(
-                        record,
-                        status=running,
-                        attempt=record.attempt + 1,
-                        worker_id=consumer,
-                        updated_at=now,
-                    )
+                    record = claimed(record, consumer, now)
                     changes.append((running.value, self._encode(record), now, invocation_id))
                 deliveries.append(Delivery(invocation_id, queue, receipt, count, record))
             conn.executemany(_SET_RECORD, changes)
