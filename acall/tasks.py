@@ -32,6 +32,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -340,14 +341,16 @@ def _default_store_url(broker: Broker | str) -> str:
 class _Waiter(Wakeup):
     """One awaited handle: its own wake-up call (one object per handle, not two: when
     thousands are awaited at once, the garbage collector walks each of them again and
-    again), the record once final, and whether its time is up."""
+    again), the record once final, whether its time is up, and the next waiter for the
+    same invocation (the waiters of one invocation form a chain: no list per handle)."""
 
-    __slots__ = ("expired", "record")
+    __slots__ = ("expired", "next", "record")
 
-    def __init__(self) -> None:
+    def __init__(self, next_waiter: _Waiter | None) -> None:
         super().__init__()
         self.record: InvocationRecord | None = None
         self.expired = False
+        self.next = next_waiter
 
     def finished(self) -> bool:
         return self.record is not None
@@ -355,6 +358,12 @@ class _Waiter(Wakeup):
     def expire(self) -> None:
         self.expired = True
         self.set()
+
+
+def _chain(first: _Waiter | None) -> Iterator[_Waiter]:
+    while first is not None:
+        yield first
+        first = first.next
 
 
 class _ResultWaiter:
@@ -374,14 +383,19 @@ class _ResultWaiter:
         self.broker = broker
         # Handles awaited together (gather over many) look their records up together.
         self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(broker.get_many)
-        self._waiters: dict[str, list[_Waiter]] = {}
+        # Invocation id -> the first of its waiters (the others follow its chain).
+        self._waiters: dict[str, _Waiter] = {}
         self._leader: _Waiter | None = None
         self._stream: AsyncGenerator[set[str], None] | None = None
         self._last_poll = -math.inf
 
     async def wait(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
-        me = _Waiter()
-        self._waiters.setdefault(invocation_id, []).append(me)
+        # One coroutine for the whole wait (no helper awaited in the loop below): with
+        # thousands of handles awaited at once, every frame is one more object that the
+        # garbage collector walks again and again.
+        waiters = self._waiters
+        me = waiters[invocation_id] = _Waiter(waiters.get(invocation_id))
+        timer: asyncio.TimerHandle | None = None
         try:
             started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
@@ -393,33 +407,59 @@ class _ResultWaiter:
                 raise TaskError(f"unknown invocation {invocation_id!r}")
             if record.status.is_final:
                 return record
-            if timeout is None:
-                return await self._follow(me, None)
-            # A plain loop timer wakes a waiting handle at its deadline: a cancel scope
-            # per handle costs far more when thousands are awaited together. Only the
-            # leader, which blocks inside the broker's stream, needs a cancel scope.
-            deadline = started + timeout
-            timer = asyncio.get_running_loop().call_later(
-                max(0.0, deadline - anyio.current_time()), me.expire
-            )
-            try:
-                return await self._follow(me, deadline)
-            except TimeoutError:
+            deadline = None if timeout is None else started + timeout
+            if deadline is not None:
+                # A plain loop timer wakes a waiting handle at its deadline: a cancel
+                # scope per handle costs far more when thousands are awaited together.
+                # Only the leader, which blocks inside the broker's stream, needs one.
+                timer = asyncio.get_running_loop().call_later(
+                    max(0.0, deadline - anyio.current_time()), me.expire
+                )
+            while me.record is None:
+                if me.expired:
+                    break
+                if self._leader is not None:
+                    await me.sleep()
+                    continue
+                self._leader = me
+                try:
+                    if deadline is None:
+                        await self._lead(me)
+                    else:
+                        with anyio.move_on_after(deadline - anyio.current_time()):
+                            await self._lead(me)
+                finally:
+                    self._leader = None
+                    self._hand_over(me)
+                if me.record is None:  # led until the deadline
+                    break
+            if me.record is None:
                 raise ResultTimeoutError(
                     f"invocation {invocation_id} did not finish within {timeout} s "
                     "(it keeps running; call result() again to keep waiting)"
-                ) from None
-            finally:
-                timer.cancel()
+                )
+            return me.record
         finally:
-            waiters = self._waiters[invocation_id]
-            waiters.remove(me)
-            if not waiters:
-                del self._waiters[invocation_id]
-            if not self._waiters and self._leader is None and self._stream is not None:
+            if timer is not None:
+                timer.cancel()
+            self._forget(invocation_id, me)
+            if not waiters and self._leader is None and self._stream is not None:
                 stream, self._stream = self._stream, None
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
+
+    def _forget(self, invocation_id: str, me: _Waiter) -> None:
+        first = self._waiters[invocation_id]
+        if first is me:
+            if me.next is None:
+                del self._waiters[invocation_id]
+            else:
+                self._waiters[invocation_id] = me.next
+            return
+        while first.next is not me:
+            assert first.next is not None
+            first = first.next
+        first.next = me.next
 
     async def _look_up_again(
         self,
@@ -447,30 +487,9 @@ class _ResultWaiter:
             except BrokerUnavailableError as exc:
                 error = exc
 
-    async def _follow(self, me: _Waiter, deadline: float | None) -> InvocationRecord:
-        while me.record is None:
-            if me.expired:
-                raise TimeoutError
-            if self._leader is None:
-                self._leader = me
-                try:
-                    if deadline is None:
-                        await self._lead(me)
-                    else:
-                        with anyio.move_on_after(deadline - anyio.current_time()):
-                            await self._lead(me)
-                finally:
-                    self._leader = None
-                    self._hand_over(me)
-                if me.record is None:
-                    raise TimeoutError
-            else:
-                await me.sleep()
-        return me.record
-
     def _hand_over(self, leaving: _Waiter) -> None:
-        for waiters in self._waiters.values():
-            for waiter in waiters:
+        for first in self._waiters.values():
+            for waiter in _chain(first):
                 if waiter.record is None and waiter is not leaving:
                     waiter.set()
                     return
@@ -521,7 +540,7 @@ class _ResultWaiter:
         for start in range(0, len(ids), 1000):
             for record in await self.broker.get_many(ids[start : start + 1000]):
                 if record is not None and record.status.is_final:
-                    for waiter in self._waiters.get(record.invocation_id, ()):
+                    for waiter in _chain(self._waiters.get(record.invocation_id)):
                         waiter.record = record
                         waiter.set()
 

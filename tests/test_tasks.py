@@ -198,6 +198,48 @@ async def test_waiters_survive_a_cancelled_leader(app: App) -> None:
     assert sorted(results) == [-1, 0.1, 0.2, 0.3]
 
 
+async def test_many_waiters_on_one_invocation(app: App) -> None:
+    """Waiters of one invocation form a chain: those that leave (a timeout, a
+    cancellation), first, middle or last, do not cut the others off their result."""
+    from acall.worker import Worker
+
+    gate = anyio.Event()
+
+    @app.task
+    async def gated(x: int) -> int:
+        await gate.wait()
+        return x * 2
+
+    handle = await gated.submit(21)
+    results: list[object] = []
+
+    async def wait(timeout: float | None) -> None:
+        try:
+            results.append(await handle.result(timeout=timeout))
+        except ResultTimeoutError:
+            results.append("timeout")
+
+    worker = Worker(app, handle_signals=False, poll_wait=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        async with anyio.create_task_group() as waiters:
+            waiters.start_soon(wait, None)
+            waiters.start_soon(wait, 0.05)
+            async with anyio.create_task_group() as cancelled:
+                cancelled.start_soon(wait, None)
+                await anyio.sleep(0.01)
+                for timeout in (None, 0.1, None):
+                    waiters.start_soon(wait, timeout)
+                await anyio.sleep(0.01)
+                cancelled.cancel_scope.cancel()  # leaves from the middle of the chain
+            await anyio.sleep(0.2)  # both timeouts have passed
+            assert results == ["timeout", "timeout"]
+            gate.set()
+        worker.stop()
+    assert results == ["timeout", "timeout", 42, 42, 42]
+    assert not app._waiter._waiters  # every waiter left the chain
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 async def test_concurrent_submitters_dedup_on_real_backends(
     backend: str, tmp_path: Any, request: pytest.FixtureRequest
