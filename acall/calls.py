@@ -562,6 +562,26 @@ class PreSerializedCall(Call[R]):
         self._base = len(common_serialized)
 
     @classmethod
+    def _of_batch(
+        cls, spec: TaskSpec, codec: OffloadCodec, common: Mapping[str, str], own: dict[str, Any]
+    ) -> PreSerializedCall[R]:
+        """A call of :meth:`batch`, which checked its names already (once per set of
+        names) and made *own* for it alone: the constructor's copy and check skipped."""
+        call = cls.__new__(cls)
+        call.spec = spec
+        call.codec = codec
+        call._arguments = own
+        call._done = dict(common)
+        call._base = len(common)
+        call._staged = {}
+        call._serialized = None
+        call._args_id = None
+        call._call_id = None
+        call._flight = None
+        call._common = common
+        return call
+
+    @classmethod
     async def serialize_common(
         cls, spec: TaskSpec, codec: OffloadCodec, common_args: Mapping[str, Any]
     ) -> dict[str, str]:
@@ -597,11 +617,11 @@ class PreSerializedCall(Call[R]):
                 bound = spec.bind((), {**common_args, **own})
                 others = {k: v for k, v in bound.items() if k not in common_serialized}
                 if spec.binds_by_name:
-                    templates[names] = others
+                    templates[names] = others.copy()  # the call owns others
             else:
                 others = template.copy()
                 others.update(own)
-            calls.append(cls(spec, codec, common_serialized, others))
+            calls.append(cls._of_batch(spec, codec, common_serialized, others))
         return calls
 
     def _names_in_order(self) -> list[str]:
