@@ -70,6 +70,14 @@ def _recorder(
     return one
 
 
+def _recording(
+    writes: _Writes,
+) -> tuple[dict[int, int], Callable[[int], Coroutine[Any, Any, None]]]:
+    """The results by item of callers of a group commit over *writes*, and a caller."""
+    results: dict[int, int] = {}
+    return results, _recorder(GroupCommit(writes), results)
+
+
 def _error_recorder(
     commit: GroupCommit[int, int], errors: list[BaseException], kind: type[Exception]
 ) -> Callable[[int], Coroutine[Any, Any, None]]:
@@ -109,9 +117,7 @@ class _Writes:
 
 async def test_concurrent_submits_share_batches_and_get_their_own_results() -> None:
     writes = _Writes()
-    commit: GroupCommit[int, int] = GroupCommit(writes)
-    results: dict[int, int] = {}
-    one = _recorder(commit, results)
+    results, one = _recording(writes)
 
     async with anyio.create_task_group() as tg:
         for i in range(50):
@@ -133,9 +139,7 @@ async def test_max_batch_bounds_each_write() -> None:
 
 async def test_a_cancelled_writer_does_not_fail_the_others_of_its_batch() -> None:
     writes = _Writes(hold_first=True)
-    commit: GroupCommit[int, int] = GroupCommit(writes)
-    results: dict[int, int] = {}
-    one = _recorder(commit, results)
+    results, one = _recording(writes)
 
     writer_scope = anyio.CancelScope()
     async with anyio.create_task_group() as tg:
@@ -162,9 +166,7 @@ async def _in_scope(scope: anyio.CancelScope, fn: object, *args: int) -> None:
 
 async def test_a_cancelled_writer_hands_its_in_flight_batch_to_the_next() -> None:
     writes = _Writes(hold_first=True)
-    commit: GroupCommit[int, int] = GroupCommit(writes)
-    results: dict[int, int] = {}
-    one = _recorder(commit, results)
+    results, one = _recording(writes)
 
     writer = asyncio.ensure_future(one(0))
     others = [asyncio.ensure_future(one(i)) for i in (1, 2)]
@@ -183,9 +185,7 @@ async def test_items_of_a_batch_cut_by_its_writers_cancellation_are_written_agai
     # Task 0 writes [0], then goes on with [1, 2] (queued meanwhile) and is cancelled
     # while that second batch is in flight: 1 and 2 must still get their results.
     writes = _Writes(hold_first=True, hold_call=2)
-    commit: GroupCommit[int, int] = GroupCommit(writes)
-    results: dict[int, int] = {}
-    one = _recorder(commit, results)
+    results, one = _recording(writes)
 
     writer = asyncio.ensure_future(one(0))
     await asyncio.sleep(0)  # task 0 starts writing [0]
@@ -206,9 +206,7 @@ async def test_items_of_a_batch_cut_by_its_writers_cancellation_are_written_agai
 
 async def test_a_cancelled_sleeper_is_not_written_and_does_not_stall_the_rest() -> None:
     writes = _Writes(hold_first=True)
-    commit: GroupCommit[int, int] = GroupCommit(writes)
-    results: dict[int, int] = {}
-    one = _recorder(commit, results)
+    results, one = _recording(writes)
 
     first = asyncio.ensure_future(one(0))
     await writes.entered.wait()
