@@ -159,6 +159,97 @@ def _reusable_c_encoder(encoder: json.JSONEncoder) -> Callable[[Any, int], Any] 
     return c_encode
 
 
+# What ujson writes differently from json.dumps, found by differential tests (every code
+# point, millions of floats, every key type; kept as tests): DEL unescaped, floats in
+# [1e-9, 1e-4) with a one-digit exponent ("1e-5" for "1e-05"), and NaN / infinite float
+# keys as "nan" / "inf". The first is mended (a raw DEL can only come from string
+# content); the others send the value back to the exact encoder.
+_ONE_DIGIT_EXPONENT: Final = re.compile(r"e-[0-9](?![0-9])")
+_FAST_PROBE: Final = {
+    "text": 'é\x7f\x00"\\/😀\ud800\u2028',
+    "numbers": (1, -(2**70), 0.5, -0.0, 1e16, 1.25e-10, 1.5e300, float("nan"), float("inf")),
+    "nested": [[{}], [], {"1e-05": None}],
+    1: True,
+    2.5: True,
+    None: None,
+    False: [],
+}
+# marshal writes a float as this type code (or it with the reference flag, 0x80) and the
+# 8 bytes of the double, little-endian.
+_FLOAT_CODES: Final = (ord("g"), ord("g") | 0x80)
+# Past this many candidate bytes, _may_hold_nonfinite stops looking and says "maybe".
+_NONFINITE_SCAN_LIMIT: Final = 16384
+
+
+def _may_hold_nonfinite(marshalled: bytes) -> bool:
+    """Whether ``marshal`` output may hold a NaN or infinite float; never False if it does.
+
+    Such a double ends (little-endian) in a byte 0x7f or 0xff after a byte 0xf0 or above
+    (all exponent bits set). Bytes 0x7f / 0xff are rare in marshal output, and ``find``
+    looks for them at memchr speed; each one found is checked for a float type code 8
+    bytes earlier. Far cheaper than searching the JSON text for a ``"nan": `` key.
+    """
+    seen = 0
+    for last in (0x7F, 0xFF):
+        at = marshalled.find(last, 8)
+        while at != -1:
+            if marshalled[at - 1] >= 0xF0 and marshalled[at - 8] in _FLOAT_CODES:
+                return True
+            seen += 1
+            if seen > _NONFINITE_SCAN_LIMIT:
+                return True
+            at = marshalled.find(last, at + 1)
+    return False
+
+
+def _fast_encoder() -> Callable[[Any, bytes], str | None] | None:
+    """ujson's encoder, made to write exactly what json.dumps writes, or ``None``.
+
+    The returned function takes the value and its ``marshal`` output: marshal accepted
+    it, so it is made of exact builtin types only (no enum member, no subclass with its
+    own idea of how it encodes). It gives ``None`` where it cannot promise json.dumps's
+    bytes; the exact encoder then decides, errors included. ``None`` where ujson is
+    missing or its output differs on a probe (a version that changed what it writes).
+    """
+    try:
+        import ujson
+    except ImportError:  # pragma: no cover - a dependency; the exact encoder remains
+        return None
+    dumps = ujson.dumps
+    separators = (", ", ": ")
+
+    def encode(obj: Any, marshalled: bytes) -> str | None:
+        try:
+            text: str = dumps(
+                obj, ensure_ascii=True, escape_forward_slashes=False, separators=separators
+            )
+        except Exception:  # bytes, sets, cycles, depth: json.dumps decides and reports
+            return None
+        # Single-character tests first: they run at memchr speed, substring searches
+        # about 50 times slower.
+        if "-" in text and "e-" in text and _ONE_DIGIT_EXPONENT.search(text) is not None:
+            return None
+        if (
+            "{" in text
+            and _may_hold_nonfinite(marshalled)
+            and ('nan": ' in text or 'inf": ' in text)
+        ):
+            return None
+        if "\x7f" in text:
+            text = text.replace("\x7f", "\\u007f")
+        return text
+
+    try:
+        if encode(_FAST_PROBE, marshal.dumps(_FAST_PROBE)) != json.dumps(_FAST_PROBE):
+            return None
+    except Exception:  # pragma: no cover - a broken build of ujson
+        return None
+    return encode
+
+
+_FAST_ENCODE: Final = _fast_encoder()
+
+
 def _float_text(value: float) -> str:
     """A float as json.dumps writes it (allow_nan: NaN and Infinity, as pynenc does)."""
     if value != value:
@@ -267,18 +358,18 @@ def _needs_enum_pass(obj: Any) -> bool:
     return False
 
 
-def _is_plain(obj: Any) -> bool:
-    """Whether *obj* is built only of exact builtin types (so it holds no enum member).
+def _marshalled(obj: Any) -> bytes | None:
+    """*obj*'s ``marshal`` output if it is built only of exact builtin types, else None.
 
     ``marshal`` accepts exact ``dict``/``list``/``tuple``/``str``/``int``/``float``/...
     and refuses subclasses and any other object, in C, several times faster than even
-    the sliced scan; when it refuses, the scan decides.
+    the sliced scan; when it refuses, the scan decides. A value it accepts holds no enum
+    member.
     """
     try:
-        marshal.dumps(obj)
+        return marshal.dumps(obj)
     except (ValueError, TypeError, RecursionError):
-        return False
-    return True
+        return None
 
 
 def _enum_pass(obj: Any) -> Any:
@@ -323,6 +414,7 @@ class JsonSerializer:
         self._importable = tuple(importable_modules)
         self._encoder = json.JSONEncoder(default=_default)
         self._c_encode = _reusable_c_encoder(self._encoder)
+        self._fast_encode = _FAST_ENCODE
 
     def __repr__(self) -> str:
         return f"JsonSerializer(importable_modules={self._importable!r})"
@@ -367,6 +459,10 @@ class JsonSerializer:
         except (TypeError, ValueError, RecursionError) as exc:
             raise _encoding_error(obj, exc) from exc
 
+    #: Containers with fewer items than this go to the stdlib's C encoder, whose fixed
+    #: cost per call is lower; larger ones to ujson's (about twice as fast per item).
+    fast_min_items: ClassVar[int] = 32
+
     # Containers this small are walked item by item: the per-item overhead is nothing and
     # a single huge item (a 100 MB string under one key) still gets split.
     _FEW: ClassVar[int] = 64
@@ -386,7 +482,16 @@ class JsonSerializer:
             return "true" if obj else "false"
         if kind is float:
             return _float_text(obj)
-        if not _is_plain(obj) and _needs_enum_pass(obj):
+        if (marshalled := _marshalled(obj)) is not None:
+            fast = self._fast_encode
+            if (
+                fast is not None
+                and (kind is list or kind is dict or kind is tuple)
+                and len(obj) >= self.fast_min_items
+                and (text := fast(obj, marshalled)) is not None
+            ):
+                return text
+        elif _needs_enum_pass(obj):
             obj = _enum_pass(obj)
         if self._c_encode is not None:
             return "".join(self._c_encode(obj, 0))
