@@ -49,6 +49,7 @@ import attrs
 import xxhash
 
 from acall._concurrency import SingleFlight
+from acall._digest import PieceDigest
 from acall.errors import (
     BlobCorruptedError,
     BlobNotFoundError,
@@ -227,38 +228,6 @@ def _compressor(settings: OffloadSettings) -> Any:
     if settings.compression == "zstd":
         return _zstd().ZstdCompressor(level=settings.compression_level).compressobj()
     return None
-
-
-def _prepare_pieces(
-    pieces: Iterable[str], settings: OffloadSettings, *, in_thread: bool
-) -> tuple[str, int, int, tuple[bytes, ...], int]:
-    """Hash, checksum and (optionally) compress text pieces without joining them.
-
-    Returns (sha256 hex, raw byte length, xxh3 checksum, stored pieces, char length).
-    """
-    sha = hashlib.sha256()
-    xxh = xxhash.xxh3_64()
-    comp = _compressor(settings)
-    stored: list[bytes] = []
-    raw_len = 0
-    chars = 0
-    for piece in pieces:
-        if in_thread:
-            anyio.from_thread.check_cancelled()
-        chars += len(piece)
-        data = piece.encode("utf-8")
-        raw_len += len(data)
-        sha.update(data)
-        xxh.update(data)
-        if comp is not None:
-            out = comp.compress(data)
-            if out:
-                stored.append(out)
-        else:
-            stored.append(data)
-    if comp is not None:
-        stored.append(comp.flush())
-    return sha.hexdigest(), raw_len, xxh.intdigest(), tuple(stored), chars
 
 
 def chunk_key(reference: str, index: int) -> str:
@@ -558,11 +527,11 @@ class OffloadCodec:
 
     def prepare_small(self, value: Any, *, offload: bool = True) -> Prepared:
         """Encode a small value on the calling thread (hashing it if it is offloaded)."""
-        return self._route_text(self.serializer.dumps(value), offload, in_thread=False)
+        return self._route_text(self.serializer.dumps(value), offload)
 
     def route_text(self, text: str, *, offload: bool = True) -> Prepared:
         """Route already-serialized small text on the calling thread: inline or hashed."""
-        return self._route_text(text, offload, in_thread=False)
+        return self._route_text(text, offload)
 
     async def prepare_large(
         self,
@@ -588,11 +557,18 @@ class OffloadCodec:
         )
         if not offload:
             return Prepared(inline=self._join(pieces))
-        pieces = list(_checked(pieces))
-        chars = sum(map(len, pieces))
+        # Each piece is digested as it comes (partly in a helper thread), before it is
+        # known whether the whole is large enough to offload: nearly always it is.
+        texts: list[str] = []
+        chars = 0
+        digest = PieceDigest(_compressor(self.settings), overlap=True)
+        for piece in _checked(pieces):
+            texts.append(piece)
+            chars += len(piece)
+            digest.feed(piece.encode("utf-8"))
         if not self._should_offload(chars):
-            return Prepared(inline="".join(pieces))
-        return self._prepared_reference(pieces, in_thread=True)
+            return Prepared(inline="".join(texts))
+        return self._reference(digest)
 
     @staticmethod
     def _join(pieces: Iterable[str]) -> str:
@@ -611,18 +587,18 @@ class OffloadCodec:
             return False
         return True
 
-    def _route_text(self, text: str, offload: bool, *, in_thread: bool) -> Prepared:
+    def _route_text(self, text: str, offload: bool) -> Prepared:
         if not offload or not self._should_offload(len(text)):
             return Prepared(inline=text)
-        return self._prepared_reference((text,), in_thread=in_thread)
+        digest = PieceDigest(_compressor(self.settings), overlap=False)
+        digest.feed(text.encode("utf-8"))
+        return self._reference(digest)
 
-    def _prepared_reference(self, pieces: Sequence[str], *, in_thread: bool) -> Prepared:
-        digest, raw_len, checksum, stored, _ = _prepare_pieces(
-            pieces, self.settings, in_thread=in_thread
-        )
+    def _reference(self, digest: PieceDigest) -> Prepared:
+        sha_hex, raw_len, checksum, stored = digest.finish()
         return Prepared(
             inline=None,
-            reference=REFERENCE_PREFIX + digest,
+            reference=REFERENCE_PREFIX + sha_hex,
             raw_length=raw_len,
             checksum=checksum,
             compression=_CODEC_IDS[self.settings.compression],

@@ -4,9 +4,12 @@
 ``JsonSerializer`` for every type that serializer supports (JSON natives, tuples as
 lists, enum / exception / ``to_json`` envelopes), but it is faster and its loader is safe:
 
-* encoding hands whole containers to the C JSON encoder; the Python-level pre-pass that
-  wraps ``IntEnum`` / ``StrEnum`` members in envelopes runs only when a quick scan finds
-  an enum member inside lists, tuples or dicts;
+* encoding hands whole containers to a C encoder: ujson's for containers built of
+  exact builtin types (``marshal`` proves it, in C), with every place where ujson would
+  write other bytes than ``json.dumps`` either mended or sent to the stdlib's; the
+  stdlib's otherwise. The Python-level pre-pass that wraps ``IntEnum`` / ``StrEnum``
+  members in envelopes runs only when a quick scan finds an enum member inside lists,
+  tuples or dicts;
 * decoding walks the parsed value only when the text contains an envelope marker;
 * an envelope is honoured only after the object it names is checked to be of the kind
   the envelope claims (an ``Enum`` subclass, an exception class, a class implementing

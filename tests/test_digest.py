@@ -1,0 +1,142 @@
+"""PieceDigest: the same key, checksum and stored bytes with or without the helper thread."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+import threading
+import warnings
+import zlib
+from typing import Any
+
+import pytest
+import xxhash
+import zstandard
+
+from acall._digest import OVERLAP_BATCH, PieceDigest
+
+
+def _compressor(kind: str) -> Any:
+    if kind == "zlib":
+        return zlib.compressobj(6)
+    if kind == "zstd":
+        return zstandard.ZstdCompressor(level=3).compressobj()
+    return None
+
+
+def _decompress(kind: str, data: bytes) -> bytes:
+    if kind == "zlib":
+        return zlib.decompress(data)
+    if kind == "zstd":
+        return zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
+def _pieces(seed: int, total: int) -> list[bytes]:
+    rng = random.Random(seed)
+    pieces: list[bytes] = []
+    size = 0
+    while size < total:
+        n = rng.choice([0, 1, 100, 70_000, 300_000, OVERLAP_BATCH + 5])
+        # Compressible but not constant: random words.
+        words = [b"acall", b"digest", b"\xc3\xbc", b"42"]
+        piece = b" ".join(rng.choice(words) for _ in range(n // 5))
+        pieces.append(piece)
+        size += len(piece)
+    return pieces
+
+
+@pytest.mark.parametrize("kind", ["none", "zlib", "zstd"])
+@pytest.mark.parametrize(
+    ("seed", "total"), [(1, 0), (2, 5_000), (3, 3 * OVERLAP_BATCH), (4, 9_000_000)]
+)
+def test_overlap_changes_nothing(kind: str, seed: int, total: int) -> None:
+    pieces = _pieces(seed, total)
+    whole = b"".join(pieces)
+    results = []
+    for overlap in (False, True):
+        digest = PieceDigest(_compressor(kind), overlap=overlap)
+        for piece in pieces:
+            digest.feed(piece)
+        results.append(digest.finish())
+    assert results[0][:3] == results[1][:3]
+    sha_hex, raw_length, checksum, stored = results[1]
+    assert sha_hex == hashlib.sha256(whole).hexdigest()
+    assert raw_length == len(whole)
+    assert checksum == xxhash.xxh3_64_intdigest(whole)
+    assert _decompress(kind, b"".join(stored)) == whole
+    assert _decompress(kind, b"".join(results[0][3])) == whole
+
+
+def test_large_values_are_digested_by_the_helper() -> None:
+    seen: list[str] = []
+
+    class Watching:
+        """A compressor that records which thread compresses each batch."""
+
+        def compress(self, data: bytes) -> bytes:
+            seen.append(threading.current_thread().name)
+            return data
+
+        def flush(self) -> bytes:
+            return b""
+
+    digest = PieceDigest(Watching(), overlap=True)
+    for piece in _pieces(5, 4 * OVERLAP_BATCH):
+        digest.feed(piece)
+    digest.finish()
+    assert any(name.startswith("acall-digest") for name in seen), seen
+
+
+def test_a_failing_batch_surfaces_in_finish() -> None:
+    class Broken:
+        def compress(self, data: bytes) -> bytes:
+            raise MemoryError("no room for the batch")
+
+        def flush(self) -> bytes:
+            return b""
+
+    def digest_all() -> None:
+        digest = PieceDigest(Broken(), overlap=True)
+        for piece in _pieces(6, 3 * OVERLAP_BATCH):
+            digest.feed(piece)
+        digest.finish()
+
+    with pytest.raises(MemoryError, match="no room"):
+        digest_all()
+
+
+def _digest_in_child(expected: str, conn: Any) -> None:
+    digest = PieceDigest(None, overlap=True)
+    for piece in _pieces(7, 3 * OVERLAP_BATCH):
+        digest.feed(piece)
+    conn.send(digest.finish()[0] == expected)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_working_helper() -> None:
+    # The helper pool exists in the parent; a forked child has none of its threads and
+    # must start its own rather than wait for work that never runs.
+    expected = hashlib.sha256(b"".join(_pieces(7, 3 * OVERLAP_BATCH))).hexdigest()
+    parent = PieceDigest(None, overlap=True)
+    for piece in _pieces(7, 3 * OVERLAP_BATCH):
+        parent.feed(piece)
+    assert parent.finish()[0] == expected
+    ctx = multiprocessing.get_context("fork")
+    receiver, sender = ctx.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        # Python 3.12 warns that forking a process with threads may deadlock: that is the
+        # very case under test.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = ctx.Process(target=_digest_in_child, args=(expected, sender))
+        child.start()
+    try:
+        assert receiver.poll(60), "the child's digest never finished"
+        assert receiver.recv() is True
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
