@@ -517,9 +517,11 @@ async def test_pending_count(broker: Broker) -> None:
 
 
 async def test_invalid_input_is_rejected_before_the_backend(broker: Broker) -> None:
-    for bad_id in ("../x", "", "a b", "k" * 257, 42):
+    # Letters and digits outside ASCII, and one character too many, are refused too.
+    for bad_id in ("../x", "", "a b", "k" * 257, 42, "ü", "\u0661\u0662", "abc\u00b2"):
         with pytest.raises(InvalidKeyError):
             await broker.get(bad_id)  # type: ignore[arg-type]
+    assert await broker.get("k" * 256) is None
     with pytest.raises(InvalidKeyError):
         await broker.get_many("abc")
     with pytest.raises(InvalidKeyError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from typing import Any
 
 import attrs
@@ -307,3 +308,17 @@ def test_quick_record_takes_what_acall_writes(codec: DTOCodec) -> None:
     doc = json.loads(codec.to_json(record))
     assert quick_record(doc) == record  # the quick path is the one taken
     assert codec.from_json(codec.to_json(record), InvocationRecord) == record
+
+
+def test_new_invocation_ids_are_random_version_4_uuids() -> None:
+    ids = [new_invocation_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:2000]:
+        parsed = uuid.UUID(hex=text)
+        assert parsed.hex == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+    # Every hex digit shows up in every random position (the fixed ones are 12 and 16).
+    for position in (0, 13, 17, 31):
+        assert {text[position] for text in ids} == set("0123456789abcdef")
+    assert {text[16] for text in ids} == set("89ab")

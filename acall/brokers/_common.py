@@ -57,7 +57,12 @@ def check_name(value: object, what: str) -> str:
 
     :raises InvalidKeyError: naming *what* and the rejected value.
     """
-    if isinstance(value, str) and KEY_PATTERN.fullmatch(value) is not None:
+    # ASCII letters and digits alone (invocation ids, most queue names) are checked by
+    # three C string methods, several times faster than the pattern; it decides the rest.
+    if isinstance(value, str) and (
+        (value.isalnum() and value.isascii() and len(value) <= 256)
+        or KEY_PATTERN.fullmatch(value) is not None
+    ):
         return value
     if not isinstance(value, str):
         raise InvalidKeyError(
