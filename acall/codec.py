@@ -558,14 +558,17 @@ class OffloadCodec:
         if not offload:
             return Prepared(inline=self._join(pieces))
         # Each piece is digested as it comes (partly in a helper thread), before it is
-        # known whether the whole is large enough to offload: nearly always it is.
+        # known whether the whole is large enough to offload: nearly always it is. Past
+        # max_size_to_offload it will stay inline, so digesting stops there.
+        limit = self.settings.max_size_to_offload
         texts: list[str] = []
         chars = 0
         digest = PieceDigest(_compressor(self.settings), overlap=True)
         for piece in _checked(pieces):
             texts.append(piece)
             chars += len(piece)
-            digest.feed(piece.encode("utf-8"))
+            if not limit or chars <= limit:
+                digest.feed(piece.encode("utf-8"))
         if not self._should_offload(chars):
             return Prepared(inline="".join(texts))
         return self._reference(digest)

@@ -213,6 +213,11 @@ def _fast_encoder() -> Callable[[Any, bytes], str | None] | None:
     own idea of how it encodes). It gives ``None`` where it cannot promise json.dumps's
     bytes; the exact encoder then decides, errors included. ``None`` where ujson is
     missing or its output differs on a probe (a version that changed what it writes).
+
+    One difference is left: marshal accepts any object with the buffer protocol, so a
+    subclass of ``bytes``, ``bytearray`` or ``array.array`` that defines ujson's
+    ``toDict()`` or ``__json__()`` hook is written through that hook, where json.dumps
+    (and so pynenc) would refuse it. No value both accept is written differently.
     """
     try:
         import ujson

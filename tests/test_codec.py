@@ -78,6 +78,20 @@ async def test_max_size_keeps_inline_with_warning(
     assert "max_size_to_offload" in caplog.text
 
 
+async def test_max_size_applies_to_values_encoded_in_pieces(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Encoded in a thread, many pieces long, digested as the pieces come: the limit is
+    # still the exact length of the whole text, on either side of it.
+    value = list(range(600_000))
+    text = json.dumps(value)
+    at_limit = OffloadCodec(store, settings=OffloadSettings(max_size_to_offload=len(text)))
+    assert await at_limit.encode(value) == content_reference(text)
+    below = OffloadCodec(store, settings=OffloadSettings(max_size_to_offload=len(text) - 1))
+    assert await below.encode(value) == text
+    assert "max_size_to_offload" in caplog.text
+
+
 async def test_disable_offload_by_name_and_star(store: Store) -> None:
     codec = OffloadCodec(store, settings=OffloadSettings(disable_offload={"frame"}))
     big = "y" * 5000
