@@ -23,7 +23,7 @@ import anyio
 
 from acall._concurrency import SingleFlight
 from acall.codec import THREAD_MIN_CHARS, LoadFailure, OffloadCodec, Prepared, estimate_chars
-from acall.dto import CallDTO
+from acall.dto import CallDTO, make_call_dto
 from acall.errors import (
     ArgumentTypeError,
     BlobCorruptedError,
@@ -35,7 +35,7 @@ from acall.errors import (
     SerializationError,
 )
 from acall.hashing import REFERENCE_PREFIX, compute_args_id
-from acall.ids import CallId, TaskId
+from acall.ids import CallId, TaskId, make_call_id
 from acall.typed import ParamTypes
 
 __all__ = [
@@ -259,12 +259,12 @@ class _CallBase(Generic[R]):
     @property
     def call_id(self) -> CallId:
         """Task and args_id together."""
-        return CallId(self.spec.task_id, self.args_id)
+        return make_call_id(self.spec.task_id, self.args_id)
 
     def to_dto(self) -> CallDTO:
         """The call as a :class:`~acall.dto.CallDTO`."""
-        # CallDTO copies the mapping itself (its converter): no copy here.
-        return CallDTO(self.call_id, self.serialized_arguments)
+        # make_call_dto copies the mapping itself (as CallDTO's converter): no copy here.
+        return make_call_dto(self.call_id, self.serialized_arguments)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _CallBase):
@@ -355,7 +355,7 @@ class Call(_CallBase[R]):
     def call_id(self) -> CallId:
         """Task and args_id together (after :meth:`serialize`)."""
         if self._call_id is None:
-            self._call_id = CallId(self.spec.task_id, self.args_id)
+            self._call_id = make_call_id(self.spec.task_id, self.args_id)
         return self._call_id
 
     async def serialize(self) -> Mapping[str, str]:
@@ -686,7 +686,7 @@ class LazyCall(_CallBase[R]):
 
     def to_dto(self) -> CallDTO:
         """The DTO this call was built from."""
-        return CallDTO(self._call_id, dict(self._serialized))
+        return make_call_dto(self._call_id, self._serialized)
 
     async def argument(self, name: str) -> Any:
         """Load one argument (fetching only its own blob, if any)."""

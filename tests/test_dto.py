@@ -23,7 +23,14 @@ from acall import (
     TaskId,
     compute_args_id,
 )
-from acall.dto import RECORD_VERSION, claimed, make_converter, new_invocation_id, succeeded
+from acall.dto import (
+    RECORD_VERSION,
+    claimed,
+    make_call_dto,
+    make_converter,
+    new_invocation_id,
+    succeeded,
+)
 
 ARGS = {"x": "1", "name": '"ada"', "blob": "__pynenc__client_data__:" + "ab" * 32}
 CALL = CallDTO(CallId(TaskId("app.tasks", "work"), compute_args_id(ARGS)), ARGS)
@@ -322,3 +329,18 @@ def test_new_invocation_ids_are_random_version_4_uuids() -> None:
     for position in (0, 13, 17, 31):
         assert {text[position] for text in ids} == set("0123456789abcdef")
     assert {text[16] for text in ids} == set("89ab")
+
+
+def test_make_call_dto_equals_the_constructor() -> None:
+    arguments = {"a": "1", "b": "__pynenc__client_data__:" + "0" * 64}
+    made, built = make_call_dto(CALL.call_id, arguments), CallDTO(CALL.call_id, arguments)
+    assert type(made) is CallDTO
+    assert made == built
+    assert repr(made) == repr(built)
+    for field in attrs.fields(CallDTO):
+        assert getattr(made, field.name) == getattr(built, field.name)
+    # The mapping is copied, as the converter copies it, and the object is frozen.
+    arguments["a"] = "2"
+    assert made.serialized_arguments["a"] == "1"
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.call_id = CALL.call_id  # type: ignore[misc]

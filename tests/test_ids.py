@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from acall import CallId, InvalidKeyError, TaskId
-from acall.ids import NO_ARGS, is_valid_args_id
+from acall.ids import NO_ARGS, is_valid_args_id, make_call_id
 
 HEX64 = "0123456789abcdef" * 4
 
@@ -87,3 +88,21 @@ def test_keys_round_trip(module: str, func: str, args_id: str) -> None:
     cid = CallId(TaskId(module, func), args_id)
     assert CallId.from_key(cid.key) == cid
     assert TaskId.from_key(cid.task_id.key) == cid.task_id
+
+
+def test_make_call_id_equals_the_constructor() -> None:
+    task = TaskId("pkg.mod", "func")
+    args_id = "a" * 64
+    made, built = make_call_id(task, args_id), CallId(task, args_id)
+    assert type(made) is CallId
+    assert made == built
+    assert hash(made) == hash(built)
+    assert repr(made) == repr(built)
+    for field in attrs.fields(CallId):
+        assert getattr(made, field.name) == getattr(built, field.name)
+    # Every slot is set (a new field would be missing here), and the object is frozen.
+    for slot in CallId.__slots__:
+        if slot != "__weakref__":
+            getattr(made, slot)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.args_id = "b" * 64  # type: ignore[misc]
