@@ -421,7 +421,7 @@ def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
         call_id = _call_id(key)
     except AcallError:
         return None
-    return InvocationRecord(invocation_id, CallDTO(call_id, arguments), **fields)
+    return InvocationRecord(invocation_id, make_call_dto(call_id, arguments), **fields)
 
 
 def _object_structure_factory(cls: type, conv: cattrs.Converter) -> Callable[[Any, type], Any]:
