@@ -119,7 +119,11 @@ class PieceDigest:
         batch = pending[0] if len(pending) == 1 else b"".join(pending)
         self._pending = []
         self._pending_size = 0
-        self._job = _helper_pool().submit(self._absorb, batch)
+        try:
+            self._job = _helper_pool().submit(self._absorb, batch)
+        except RuntimeError:  # the interpreter is shutting down: no new work for threads
+            self._job = None
+            self._absorb(batch)
 
     def _absorb(self, data: bytes) -> None:
         self._raw_length += len(data)

@@ -9,12 +9,14 @@ import random
 import threading
 import warnings
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import xxhash
 import zstandard
 
+from acall import _digest
 from acall._digest import OVERLAP_BATCH, PieceDigest
 
 
@@ -140,3 +142,20 @@ def test_a_forked_child_gets_a_working_helper() -> None:
         if child.is_alive():
             child.kill()
     assert child.exitcode == 0
+
+
+def test_a_pool_that_refuses_work_leaves_the_digest_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As at interpreter shutdown: the pool raises RuntimeError on submit.
+    closed = ThreadPoolExecutor(max_workers=1)
+    closed.shutdown()
+    monkeypatch.setattr(_digest, "_pool", closed)
+    pieces = _pieces(8, 3 * OVERLAP_BATCH)
+    digest = PieceDigest(None, overlap=True)
+    for piece in pieces:
+        digest.feed(piece)
+    sha_hex, raw_length, _, stored = digest.finish()
+    assert sha_hex == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert raw_length == sum(map(len, pieces))
+    assert b"".join(stored) == b"".join(pieces)
