@@ -10,7 +10,13 @@ import anyio
 import pytest
 from helpers import CountingStore
 
-from acall import App, ConfigurationError, InvocationStatus, ResultTimeoutError
+from acall import (
+    App,
+    ConfigurationError,
+    InvalidArgumentsError,
+    InvocationStatus,
+    ResultTimeoutError,
+)
 from acall.calls import ConcurrencyMode
 from acall.hashing import REFERENCE_PREFIX
 from acall.tasks import RetryPolicy
@@ -128,6 +134,46 @@ async def test_task_concurrency_allows_one_per_task(app: App) -> None:
     second = await job.submit(2)
     assert second.deduplicated
     assert second.invocation_id == first.invocation_id
+
+
+@pytest.mark.parametrize(
+    ("mode", "distinct"),
+    [
+        (ConcurrencyMode.DISABLED, 6),  # every call its own invocation
+        (ConcurrencyMode.TASK, 1),  # one per task
+        (ConcurrencyMode.ARGUMENTS, 3),  # one per distinct set of arguments
+        (ConcurrencyMode.KEYS, 2),  # one per distinct key argument
+    ],
+)
+async def test_submit_many_keys_each_mode(app: App, mode: ConcurrencyMode, distinct: int) -> None:
+    options: dict[str, Any] = {"key_arguments": ["user"]} if mode is ConcurrencyMode.KEYS else {}
+
+    @app.task(concurrency=mode, **options)
+    async def job(user: int, note: str) -> None: ...
+
+    pairs = [(1, "a"), (1, "a"), (1, "b"), (2, "c"), (1, "a"), (2, "c")]
+    params = [{"user": u, "note": n} for u, n in pairs]
+    handles = await job.submit_many(params)
+    assert len(handles) == 6
+    assert len({h.invocation_id for h in handles}) == distinct
+    records = [await h.record() for h in handles]
+    expected_task_key = f"{job.key}:*" if mode is ConcurrencyMode.TASK else None
+    if mode in (ConcurrencyMode.DISABLED, ConcurrencyMode.TASK):
+        assert {r.dedup_key for r in records} == {expected_task_key}
+    else:
+        assert all(r.dedup_key is not None and r.dedup_key.startswith(job.key) for r in records)
+
+
+async def test_a_negative_delay_is_refused_before_anything_is_enqueued(app: App) -> None:
+    @app.task
+    async def job(x: int) -> None: ...
+
+    with pytest.raises(InvalidArgumentsError, match="_delay must be >= 0"):
+        await job.submit(1, _delay=-1)
+    with pytest.raises(InvalidArgumentsError, match="_delay must be >= 0"):
+        await job.submit_many([{"x": 1}, {"x": 2}], _delay=-0.5)
+    counts = await app.broker.counts()
+    assert sum(counts.values()) == 0
 
 
 def test_retry_policy() -> None:
