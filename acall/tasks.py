@@ -399,10 +399,14 @@ class _ResultWaiter:
         try:
             started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
-            try:
-                record = await self._lookup.submit(invocation_id, me)
-            except BrokerUnavailableError as exc:
-                record = await self._look_up_again(invocation_id, exc, started, timeout)
+            if self.broker.reads_in_process:
+                # No round trip to batch: read it now (no batch entry, no future).
+                record = self.broker.get_now(invocation_id)
+            else:
+                try:
+                    record = await self._lookup.submit(invocation_id, me)
+                except BrokerUnavailableError as exc:
+                    record = await self._look_up_again(invocation_id, exc, started, timeout)
             if record is None:
                 raise TaskError(f"unknown invocation {invocation_id!r}")
             if record.status.is_final:

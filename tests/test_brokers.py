@@ -856,6 +856,32 @@ async def test_finish_of_a_batch_is_one_step(counting_broker: _Counting, size: i
     assert await broker.submit(_record(dedup_key="k0")) != records[0]
 
 
+async def test_get_now_reads_what_get_reads_where_records_are_in_process(
+    broker: Broker,
+) -> None:
+    record = _record()
+    await broker.submit(record)
+    if not broker.reads_in_process:
+        # Redis and SQLite need a round trip: the waiting read is the only one.
+        assert not isinstance(broker, MemoryBroker)
+        with pytest.raises(NotImplementedError, match="round trip"):
+            broker.get_now(record.invocation_id)
+        return
+    assert broker.get_now(record.invocation_id) == await broker.get(record.invocation_id)
+    assert len(await _receive(broker, max_items=1)) == 1
+    running = broker.get_now(record.invocation_id)
+    assert running is not None
+    assert running.status is InvocationStatus.RUNNING
+    assert running == await broker.get(record.invocation_id)
+    assert broker.get_now(new_invocation_id()) is None
+    for bad_id in ("../x", "", 42):
+        with pytest.raises(InvalidKeyError):
+            broker.get_now(bad_id)  # type: ignore[arg-type]
+    await broker.close()
+    with pytest.raises(BrokerError, match="closed"):
+        broker.get_now(record.invocation_id)
+
+
 async def test_close_is_idempotent_and_final(broker_url: str) -> None:
     record = _record()
     async with open_broker(broker_url) as broker:

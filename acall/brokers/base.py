@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from types import TracebackType
-from typing import Self
+from typing import ClassVar, Self
 
 import attrs
 
@@ -94,6 +94,10 @@ class Broker(abc.ABC):
     #: The URL this broker was opened with, password redacted.
     url: str
 
+    #: Whether :meth:`get_now` can read a record without waiting (the broker holds its
+    #: records in this process). Where it cannot, use :meth:`get`.
+    reads_in_process: ClassVar[bool] = False
+
     # -- submission ------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -128,6 +132,13 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def get_many(self, invocation_ids: Sequence[str]) -> list[InvocationRecord | None]:
         """Records of several invocations in one round trip, in the given order."""
+
+    def get_now(self, invocation_id: str) -> InvocationRecord | None:
+        """:meth:`get` without waiting, where :attr:`reads_in_process` is true.
+
+        :raises NotImplementedError: where records are read with a round trip.
+        """
+        raise NotImplementedError(f"{type(self).__name__} reads records with a round trip")
 
     @abc.abstractmethod
     async def find_by_call(self, call_key: str, limit: int = 100) -> list[InvocationRecord]:

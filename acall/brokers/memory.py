@@ -23,7 +23,7 @@ from typing import Final
 import anyio
 from anyio.lowlevel import checkpoint
 
-from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
+from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase, check_name
 from acall.brokers.base import Delivery, ScannedRecord
 from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import ConfigurationError
@@ -299,6 +299,15 @@ class MemoryBroker(BrokerBase):
         self._data.purge(time.monotonic())
         records = self._data.records
         return [records.get(invocation_id) for invocation_id in invocation_ids]
+
+    reads_in_process = True
+
+    def get_now(self, invocation_id: str) -> InvocationRecord | None:
+        """The current record of an invocation, or ``None`` if unknown; no waiting."""
+        check_name(invocation_id, "invocation id")
+        self._check_open()
+        self._data.purge(time.monotonic())
+        return self._data.records.get(invocation_id)
 
     async def _update(self, record: InvocationRecord) -> bool:
         await checkpoint()
