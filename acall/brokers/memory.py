@@ -236,6 +236,8 @@ class MemoryBroker(BrokerBase):
     :ivar record_ttl: see the parameter.
     """
 
+    reads_in_process = True
+
     def __init__(
         self, name: str | None = None, *, record_ttl: float | None = DEFAULT_RECORD_TTL
     ) -> None:
@@ -299,8 +301,6 @@ class MemoryBroker(BrokerBase):
         self._data.purge(time.monotonic())
         records = self._data.records
         return [records.get(invocation_id) for invocation_id in invocation_ids]
-
-    reads_in_process = True
 
     def get_now(self, invocation_id: str) -> InvocationRecord | None:
         """The current record of an invocation, or ``None`` if unknown; no waiting."""
