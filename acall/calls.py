@@ -735,9 +735,13 @@ class LazyCall(_CallBase[R]):
                     raise _with_call_context(value.error, n, key) from None
                 if value is not _MISSING:
                     loaded[n] = value
-        large = [n for n, t in texts.items() if n not in loaded and len(t) >= THREAD_MIN_CHARS]
+        large: list[str] = []
         for n, t in texts.items():
-            if n not in loaded and n not in large:
+            if n in loaded:  # deserialized with its blob
+                continue
+            if len(t) >= THREAD_MIN_CHARS:
+                large.append(n)
+            else:
                 loaded[n] = self._decode_small(n, t, key)
         if large:
             errors: list[Exception] = []

@@ -422,7 +422,6 @@ class JsonSerializer:
         self._importable = tuple(importable_modules)
         self._encoder = json.JSONEncoder(default=_default)
         self._c_encode = _reusable_c_encoder(self._encoder)
-        self._fast_encode = _FAST_ENCODE
 
     def __repr__(self) -> str:
         return f"JsonSerializer(importable_modules={self._importable!r})"
@@ -491,7 +490,7 @@ class JsonSerializer:
         if kind is float:
             return _float_text(obj)
         if (marshalled := _marshalled(obj)) is not None:
-            fast = self._fast_encode
+            fast = _FAST_ENCODE
             if (
                 fast is not None
                 and (kind is list or kind is dict or kind is tuple)
