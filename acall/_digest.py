@@ -1,79 +1,121 @@
-"""The digest of a value's stored bytes: content key, checksum and compressed pieces.
+"""The digest of a value's stored bytes: content key, checksum and the stored stream.
 
 A large value reaches the codec as text pieces, encoded one after the other in a worker
 thread. :class:`PieceDigest` takes their UTF-8 bytes in order and produces the SHA-256
-content key, the xxh3 checksum of the frame and the pieces to store (compressed when the
-settings say so). With ``overlap=True`` it hands batches of a few MiB to a helper thread,
-which hashes (and compresses) them while the next pieces are being encoded: hashlib and
-zlib release the GIL on large buffers, so on two cores the hashing costs the encoding
-thread almost nothing.
+content key, the xxh3 checksum of the bytes and the stored stream (compressed when the
+settings say so). With ``overlap=True`` the SHA-256 (and the compression) of each piece
+runs in a helper thread while the next piece is being encoded: hashlib and zlib release
+the GIL on large buffers, so on two cores the hashing costs the encoding thread almost
+nothing.
 
-Why batches: the helper needs the GIL twice per buffer (to start and to return from
-``update``). While the encoding thread runs C code that never releases the GIL, a waiting
-thread gets it only after the interpreter's switch interval (5 ms), so one handover per
-256 KiB piece would leave the helper far behind. A few handovers per value, and a
-``time.sleep(0)`` per piece while a batch is in flight (which lets a waiting helper in at
-once), keep the helper level with the encoder.
+How the handover stays cheap: a helper thread blocked on its queue needs the GIL to take
+the next piece, and while the encoding thread runs C code that never releases the GIL, a
+waiting thread gets it only after the interpreter's switch interval (5 ms). So the
+encoder calls ``time.sleep(0)`` after queueing each piece, which lets the helper in at
+once: it takes the piece, starts hashing it and gives the GIL back, and the helper stays
+within about one piece of the encoder. What is left to hash when the last piece is
+encoded is one piece, not a batch.
+
+The xxh3 checksum (fast) and the list of stored pieces stay with the encoding thread;
+only :meth:`PieceDigest.take` joins the pieces into one ``bytes`` (``bytes.join``
+releases the GIL on large results, so the loop is never held up by the copy).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Final
 
 import xxhash
 
 __all__ = ["PieceDigest"]
 
-#: Bytes gathered before a batch goes to the helper thread.
-OVERLAP_BATCH: Final = 2 << 20
+#: Bytes gathered before a piece goes to the helper: tiny pieces (a quote, a comma) ride
+#: along with the next one instead of costing a handover each.
+QUEUE_MIN: Final = 64 * 1024
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _helper_pool() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            # Two threads: four arguments encoded at once still find a free helper.
-            _pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="acall-digest")
-        return _pool
+#: Helper threads. Each digest keeps to one helper (SHA-256 is sequential); two let two
+#: values being encoded at once be hashed on two cores.
+HELPERS: Final = 2
 
 
-def _forget_pool_in_child() -> None:
-    # A forked child has none of the parent's threads; a pool created before the fork
-    # would accept work and never run it.
-    global _pool, _pool_lock
-    _pool = None
-    _pool_lock = threading.Lock()
+class _Helper:
+    """A daemon thread digesting queued pieces in the order they were queued."""
+
+    def __init__(self, index: int) -> None:
+        self.queue: queue.SimpleQueue[tuple[PieceDigest, bytes | None]] = queue.SimpleQueue()
+        self.users = 0
+        self.thread = threading.Thread(target=self._run, name=f"acall-digest-{index}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        get = self.queue.get
+        while True:
+            digest, data = get()
+            digest._take_queued(data)
 
 
-os.register_at_fork(after_in_child=_forget_pool_in_child)
+_helpers: list[_Helper] = []
+_helpers_lock = threading.Lock()
+
+
+def _attach() -> _Helper:
+    """The least busy helper, started on first use; counted as used until :func:`_detach`.
+
+    :raises RuntimeError: when no thread can be started (interpreter shutdown).
+    """
+    with _helpers_lock:
+        if len(_helpers) < HELPERS:
+            idle = next((h for h in _helpers if h.users == 0), None)
+            helper = idle if idle is not None else _Helper(len(_helpers))
+            if idle is None:
+                _helpers.append(helper)
+        else:
+            helper = min(_helpers, key=lambda h: h.users)
+        helper.users += 1
+        return helper
+
+
+def _detach(helper: _Helper) -> None:
+    with _helpers_lock:
+        helper.users -= 1
+
+
+def _forget_helpers_in_child() -> None:
+    # A forked child has none of the parent's threads; a helper started before the fork
+    # would take pieces and never digest them.
+    global _helpers, _helpers_lock
+    _helpers = []
+    _helpers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_helpers_in_child)
 
 
 class PieceDigest:
-    """SHA-256, xxh3 and the stored pieces of bytes fed in order.
+    """SHA-256, xxh3 and the stored stream of bytes fed in order.
 
     :param compressor: a ``zlib``/``zstd`` compress object, or ``None`` to store the
         bytes as they are.
-    :param overlap: digest batches in a helper thread while the caller goes on (for a
+    :param overlap: digest pieces in a helper thread while the caller goes on (for a
         worker thread encoding a large value; never on the event loop).
     """
 
     __slots__ = (
         "_comp",
-        "_job",
-        "_overlap",
+        "_done",
+        "_error",
+        "_helper",
         "_pending",
         "_pending_size",
         "_raw_length",
         "_sha",
         "_stored",
+        "_taken",
         "_xxh",
     )
 
@@ -81,57 +123,109 @@ class PieceDigest:
         self._sha = hashlib.sha256()
         self._xxh = xxhash.xxh3_64()
         self._comp = compressor
-        self._overlap = overlap
         self._stored: list[bytes] = []
         self._raw_length = 0
         self._pending: list[bytes] = []
         self._pending_size = 0
-        self._job: Future[None] | None = None
+        self._error: BaseException | None = None
+        self._taken = False
+        self._helper: _Helper | None = None
+        # Held while the helper has work of this digest; the helper releases it.
+        self._done = threading.Lock()
+        if overlap:
+            try:
+                self._helper = _attach()
+            except RuntimeError:  # interpreter shutdown: no new threads, digest here
+                self._helper = None
+            else:
+                self._done.acquire()
 
     def feed(self, data: bytes) -> None:
         """Add the next bytes."""
-        self._pending.append(data)
-        self._pending_size += len(data)
-        job = self._job
-        if not self._overlap:
-            return
-        if job is not None and not job.done():
-            time.sleep(0)  # let the helper take the GIL now, not a switch interval later
-        elif self._pending_size >= OVERLAP_BATCH:
-            self._hand_over()
-
-    def finish(self) -> tuple[str, int, int, tuple[bytes, ...]]:
-        """Return (sha256 hex digest, raw byte length, xxh3 checksum, stored pieces)."""
-        if self._job is not None:
-            self._job.result()
-            self._job = None
-        for data in self._pending:
-            self._absorb(data)
-        self._pending = []
-        if self._comp is not None:
-            self._stored.append(self._comp.flush())
-        return self._sha.hexdigest(), self._raw_length, self._xxh.intdigest(), tuple(self._stored)
-
-    def _hand_over(self) -> None:
-        if self._job is not None:
-            self._job.result()  # done already; raises what the helper raised
-        pending = self._pending
-        batch = pending[0] if len(pending) == 1 else b"".join(pending)
-        self._pending = []
-        self._pending_size = 0
-        try:
-            self._job = _helper_pool().submit(self._absorb, batch)
-        except RuntimeError:  # the interpreter is shutting down: no new work for threads
-            self._job = None
-            self._absorb(batch)
-
-    def _absorb(self, data: bytes) -> None:
         self._raw_length += len(data)
-        self._sha.update(data)
         self._xxh.update(data)
         if self._comp is None:
             self._stored.append(data)
-        else:
+        helper = self._helper
+        if helper is None:
+            self._digest(data)
+            return
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= QUEUE_MIN:
+            self._queue_pending(helper)
+            time.sleep(0)  # let the helper take the GIL now, not a switch interval later
+
+    def finish(self) -> tuple[str, int, int, int]:
+        """Return (sha256 hex digest, raw byte length, xxh3 checksum, stored length)."""
+        helper = self._helper
+        if helper is not None:
+            self._helper = None
+            if self._pending:
+                self._queue_pending(helper)
+            helper.queue.put((self, None))
+            self._done.acquire()  # until the helper has digested every queued piece
+            _detach(helper)
+            if self._error is not None:
+                raise self._error
+        if self._comp is not None:
+            self._stored.append(self._comp.flush())
+        return (
+            self._sha.hexdigest(),
+            self._raw_length,
+            self._xxh.intdigest(),
+            sum(map(len, self._stored)),
+        )
+
+    def abandon(self) -> None:
+        """Give up on a digest that will not be finished (its value failed to encode):
+        the helper drops it after what is already queued, and the caller does not wait.
+        Does nothing after :meth:`finish`."""
+        helper = self._helper
+        if helper is not None:
+            self._helper = None
+            self._pending = []
+            helper.queue.put((self, None))
+            _detach(helper)
+
+    def take(self, head: bytes = b"") -> bytes:
+        """After :meth:`finish`: *head* followed by the stored stream, as one ``bytes``.
+
+        The digest is spent afterwards.
+        """
+        return b"".join((head, *self.take_pieces()))
+
+    def take_pieces(self) -> tuple[bytes, ...]:
+        """After :meth:`finish`: the stored stream in the pieces it was made of (for
+        values stored in chunks, which are cut from the pieces without joining them
+        first). The digest is spent afterwards."""
+        if self._taken:
+            raise RuntimeError("PieceDigest.take called twice")
+        self._taken = True
+        stored = tuple(self._stored)
+        self._stored = []
+        return stored
+
+    def _queue_pending(self, helper: _Helper) -> None:
+        pending = self._pending
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        self._pending = []
+        self._pending_size = 0
+        helper.queue.put((self, data))
+
+    def _take_queued(self, data: bytes | None) -> None:
+        """In the helper: digest queued *data*, or (``None``) signal that all is done."""
+        if data is None:
+            self._done.release()
+        elif self._error is None:
+            try:
+                self._digest(data)
+            except BaseException as exc:  # raised again by finish, in the caller
+                self._error = exc
+
+    def _digest(self, data: bytes) -> None:
+        self._sha.update(data)
+        if self._comp is not None:
             out = self._comp.compress(data)
             if out:
                 self._stored.append(out)

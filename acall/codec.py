@@ -212,14 +212,31 @@ def estimate_chars(value: Any, limit: int) -> int:
 
 @attrs.frozen(slots=True)
 class Prepared:
-    """An encoded value: inline text, or a reference with its stored (framed) pieces."""
+    """An encoded value: inline text, or a reference with what to store under it.
+
+    ``blob`` is the framed single blob. A value too large for one blob has no ``blob``
+    but its stored stream in ``pieces`` instead, cut into chunks at upload.
+    """
 
     inline: str | None
     reference: str | None = None
     raw_length: int = 0
     checksum: int = 0
     compression: int = 0
-    stored: tuple[bytes, ...] = ()
+    blob: bytes = b""
+    pieces: tuple[bytes, ...] | None = None
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the value is stored in chunks behind a manifest."""
+        return self.pieces is not None
+
+    @property
+    def stored_length(self) -> int:
+        """Bytes of the stored stream (without the blob header)."""
+        if self.pieces is not None:
+            return sum(map(len, self.pieces))
+        return max(0, len(self.blob) - _HEADER.size)
 
 
 def _compressor(settings: OffloadSettings) -> Any:
@@ -244,44 +261,41 @@ def chunk_owner(key: str) -> str | None:
     return None if match is None else match[1]
 
 
-def _frame_single(prep: Prepared) -> bytes:
-    header = _HEADER.pack(_MAGIC, prep.compression, _KIND_SINGLE, 0, prep.raw_length, prep.checksum)
-    # One join, one copy of the data (header + join would copy it twice).
-    return b"".join((header, *prep.stored))
-
-
 def _split_chunks(pieces: Sequence[bytes], chunk_size: int) -> Iterator[bytes]:
-    """Regroup stored pieces into chunks of exactly *chunk_size* (the last may be shorter)."""
-    buf: list[bytes] = []
+    """Regroup stored pieces into chunks of exactly *chunk_size* (the last may be shorter).
+
+    Each chunk is one ``bytes.join`` of views into the pieces: one copy, made with the
+    GIL released when it is large.
+    """
+    views: list[memoryview] = []
     size = 0
     for piece in pieces:
         view = memoryview(piece)
         while view:
             take = min(len(view), chunk_size - size)
-            buf.append(bytes(view[:take]))
+            views.append(view[:take])
             size += take
             view = view[take:]
             if size == chunk_size:
-                yield b"".join(buf)
-                buf, size = [], 0
-    if buf:
-        yield b"".join(buf)
+                yield b"".join(views)
+                views, size = [], 0
+    if views:
+        yield b"".join(views)
 
 
 def _frame_blobs(prep: Prepared, chunk_size: int) -> tuple[bytes, dict[str, bytes]]:
     """Return (blob under the reference, extra chunk blobs by key)."""
-    stored_len = sum(map(len, prep.stored))
-    if stored_len + _HEADER.size <= chunk_size:
-        return _frame_single(prep), {}
+    if prep.pieces is None:
+        return prep.blob, {}
     assert prep.reference is not None
     chunks = {
         chunk_key(prep.reference, i): c
-        for i, c in enumerate(_split_chunks(prep.stored, chunk_size))
+        for i, c in enumerate(_split_chunks(prep.pieces, chunk_size))
     }
     header = _HEADER.pack(
         _MAGIC, prep.compression, _KIND_MANIFEST, 0, prep.raw_length, prep.checksum
     )
-    return header + _MANIFEST.pack(len(chunks), stored_len), chunks
+    return header + _MANIFEST.pack(len(chunks), prep.stored_length), chunks
 
 
 @attrs.frozen(slots=True)
@@ -564,14 +578,17 @@ class OffloadCodec:
         texts: list[str] = []
         chars = 0
         digest = PieceDigest(_compressor(self.settings), overlap=True)
-        for piece in _checked(pieces):
-            texts.append(piece)
-            chars += len(piece)
-            if not limit or chars <= limit:
-                digest.feed(piece.encode("utf-8"))
-        if not self._should_offload(chars):
-            return Prepared(inline="".join(texts))
-        return self._reference(digest)
+        try:
+            for piece in _checked(pieces):
+                texts.append(piece)
+                chars += len(piece)
+                if not limit or chars <= limit:
+                    digest.feed(piece.encode("utf-8"))
+            if not self._should_offload(chars):
+                return Prepared(inline="".join(texts))
+            return self._reference(digest)
+        finally:
+            digest.abandon()  # frees the helper unless finished: failed or kept inline
 
     @staticmethod
     def _join(pieces: Iterable[str]) -> str:
@@ -598,14 +615,24 @@ class OffloadCodec:
         return self._reference(digest)
 
     def _reference(self, digest: PieceDigest) -> Prepared:
-        sha_hex, raw_len, checksum, stored = digest.finish()
+        sha_hex, raw_len, checksum, stored_len = digest.finish()
+        compression = _CODEC_IDS[self.settings.compression]
+        blob = b""
+        pieces = None
+        if stored_len + _HEADER.size > self.chunk_size:
+            pieces = digest.take_pieces()  # cut into chunks at upload, behind a manifest
+        else:
+            blob = digest.take(
+                _HEADER.pack(_MAGIC, compression, _KIND_SINGLE, 0, raw_len, checksum)
+            )
         return Prepared(
             inline=None,
             reference=REFERENCE_PREFIX + sha_hex,
             raw_length=raw_len,
             checksum=checksum,
-            compression=_CODEC_IDS[self.settings.compression],
-            stored=stored,
+            compression=compression,
+            blob=blob,
+            pieces=pieces,
         )
 
     def _kept_inline(self, text: str) -> str:
@@ -631,13 +658,13 @@ class OffloadCodec:
     async def _upload(self, prep: Prepared) -> None:
         ref = prep.reference
         assert ref is not None
-        size = sum(map(len, prep.stored))
+        size = prep.stored_length
         # A touch, not a mere existence check: it also restarts the blob's idle time,
         # so the collector cannot remove it before this call's record is visible.
         if size >= self.EXISTS_CHECK_MIN and (await self.store.touch_many([ref]))[0]:
             self.stats["uploads_skipped"] += 1
         else:
-            if size >= self.EXISTS_CHECK_MIN:
+            if prep.chunked and size >= self.EXISTS_CHECK_MIN:
                 blob, chunks = await anyio.to_thread.run_sync(_frame_blobs, prep, self.chunk_size)
             else:
                 blob, chunks = _frame_blobs(prep, self.chunk_size)

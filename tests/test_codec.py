@@ -15,10 +15,18 @@ import pytest
 import xxhash
 from helpers import CountingStore
 
-from acall import BlobCorruptedError, BlobNotFoundError, ConfigurationError, InvalidKeyError
+from acall import (
+    BlobCorruptedError,
+    BlobNotFoundError,
+    ConfigurationError,
+    InvalidKeyError,
+    SerializationError,
+    _digest,
+)
 from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings, estimate_chars
 from acall.hashing import REFERENCE_PREFIX, content_reference
-from acall.stores import Store, open_store
+from acall.serializers import JsonSerializer
+from acall.stores import MemoryStore, Store, open_store
 
 VECTORS = json.loads(
     (Path(__file__).parent / "vectors" / "pynenc-args-id.json").read_text(encoding="utf-8")
@@ -325,3 +333,26 @@ async def test_cancelled_large_encode_leaves_nothing_half_written() -> None:
     full = time.perf_counter() - started
     assert await store.exists(ref)
     assert cancelled_after < full / 2, (cancelled_after, full)
+
+
+async def test_a_large_value_failing_midway_stores_nothing_and_frees_its_helper() -> None:
+    store = MemoryStore()
+    codec = OffloadCodec(store, JsonSerializer())
+    # Pieces are digested in a helper before the last item turns out not to encode.
+    value: list[Any] = ["x" * 1000] * 2000 + [object()]
+    with pytest.raises(SerializationError, match="object"):
+        await codec.encode(value)
+    assert [key async for key in store.scan("")] == []
+    assert all(helper.users == 0 for helper in _digest._helpers)
+    # The codec (and the helper) go on working.
+    ref = await codec.encode("y" * THREAD_MIN_CHARS)
+    assert ref.startswith(REFERENCE_PREFIX)
+    assert all(helper.users == 0 for helper in _digest._helpers)
+
+
+async def test_a_large_value_kept_inline_frees_its_helper() -> None:
+    settings = OffloadSettings(max_size_to_offload=THREAD_MIN_CHARS)
+    codec = OffloadCodec(MemoryStore(), JsonSerializer(), settings=settings)
+    text = "z" * (3 * THREAD_MIN_CHARS)
+    assert await codec.encode(text) == json.dumps(text)
+    assert all(helper.users == 0 for helper in _digest._helpers)

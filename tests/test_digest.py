@@ -17,7 +17,9 @@ import xxhash
 import zstandard
 
 from acall import _digest
-from acall._digest import OVERLAP_BATCH, PieceDigest
+from acall._digest import PieceDigest
+
+OVERLAP_BATCH = 2 << 20  # a few MiB: many pieces go through the helper
 
 
 def _compressor(kind: str) -> Any:
@@ -62,14 +64,25 @@ def test_overlap_changes_nothing(kind: str, seed: int, total: int) -> None:
         digest = PieceDigest(_compressor(kind), overlap=overlap)
         for piece in pieces:
             digest.feed(piece)
-        results.append(digest.finish())
+        results.append((*digest.finish(), digest.take(b"head")))
     assert results[0][:3] == results[1][:3]
-    sha_hex, raw_length, checksum, stored = results[1]
-    assert sha_hex == hashlib.sha256(whole).hexdigest()
-    assert raw_length == len(whole)
-    assert checksum == xxhash.xxh3_64_intdigest(whole)
-    assert _decompress(kind, b"".join(stored)) == whole
-    assert _decompress(kind, b"".join(results[0][3])) == whole
+    for sha_hex, raw_length, checksum, stored_length, blob in results:
+        assert sha_hex == hashlib.sha256(whole).hexdigest()
+        assert raw_length == len(whole)
+        assert checksum == xxhash.xxh3_64_intdigest(whole)
+        assert blob[:4] == b"head"
+        assert stored_length == len(blob) - 4
+        assert _decompress(kind, blob[4:]) == whole
+
+
+def test_take_hands_out_the_head_and_the_stream() -> None:
+    digest = PieceDigest(None, overlap=False)
+    digest.feed(b"abc")
+    digest.feed(b"de")
+    assert digest.finish()[1:] == (5, xxhash.xxh3_64_intdigest(b"abcde"), 5)
+    assert digest.take(b"head:") == b"head:abcde"
+    with pytest.raises(RuntimeError, match="twice"):
+        digest.take()
 
 
 def test_large_values_are_digested_by_the_helper() -> None:
@@ -144,18 +157,65 @@ def test_a_forked_child_gets_a_working_helper() -> None:
     assert child.exitcode == 0
 
 
-def test_a_pool_that_refuses_work_leaves_the_digest_to_the_caller(
+def test_no_helper_thread_leaves_the_digest_to_the_caller(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # As at interpreter shutdown: the pool raises RuntimeError on submit.
-    closed = ThreadPoolExecutor(max_workers=1)
-    closed.shutdown()
-    monkeypatch.setattr(_digest, "_pool", closed)
+    # As at interpreter shutdown: no thread can be started.
+    def refuse() -> None:
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(_digest, "_attach", refuse)
     pieces = _pieces(8, 3 * OVERLAP_BATCH)
     digest = PieceDigest(None, overlap=True)
     for piece in pieces:
         digest.feed(piece)
-    sha_hex, raw_length, _, stored = digest.finish()
+    sha_hex, raw_length, _, _ = digest.finish()
     assert sha_hex == hashlib.sha256(b"".join(pieces)).hexdigest()
     assert raw_length == sum(map(len, pieces))
-    assert b"".join(stored) == b"".join(pieces)
+    assert digest.take() == b"".join(pieces)
+
+
+def test_digests_at_once_share_the_helpers_and_stay_apart() -> None:
+    # More digests than helpers, fed from several threads at once: each keeps its own
+    # order and result, and every helper is released when they finish.
+    inputs = [_pieces(20 + i, 2 * OVERLAP_BATCH) for i in range(5)]
+
+    def run(pieces: list[bytes]) -> tuple[str, bytes]:
+        digest = PieceDigest(zlib.compressobj(1), overlap=True)
+        for piece in pieces:
+            digest.feed(piece)
+        return digest.finish()[0], digest.take()
+
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        results = list(pool.map(run, inputs))
+    for pieces, (sha_hex, stored) in zip(inputs, results, strict=True):
+        assert sha_hex == hashlib.sha256(b"".join(pieces)).hexdigest()
+        assert zlib.decompress(stored) == b"".join(pieces)
+    assert 1 <= len(_digest._helpers) <= _digest.HELPERS
+    assert all(helper.users == 0 for helper in _digest._helpers)
+
+
+def test_take_pieces_keeps_the_pieces_and_spends_the_digest() -> None:
+    digest = PieceDigest(None, overlap=False)
+    for piece in (b"ab", b"", b"cde"):
+        digest.feed(piece)
+    digest.finish()
+    assert digest.take_pieces() == (b"ab", b"", b"cde")
+    with pytest.raises(RuntimeError, match="twice"):
+        digest.take()
+
+
+def test_an_abandoned_digest_releases_its_helper() -> None:
+    digest = PieceDigest(None, overlap=True)
+    for piece in _pieces(11, 2 * OVERLAP_BATCH):
+        digest.feed(piece)
+    helper = digest._helper
+    assert helper is not None
+    digest.abandon()
+    assert digest._helper is None
+    assert helper.users == 0
+    digest.abandon()  # twice is harmless
+    # The helper still serves the next digest.
+    again = PieceDigest(None, overlap=True)
+    again.feed(b"x" * 100_000)
+    assert again.finish()[0] == hashlib.sha256(b"x" * 100_000).hexdigest()
