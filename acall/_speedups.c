@@ -1,5 +1,10 @@
 /* Native helpers for acall's JSON encoding.
  *
+ * plain_tree(obj) walks a value and tells whether it is built only of exact dict, list,
+ * tuple, str, int, float, bool and None (the values a fast encoder may take without
+ * changing what json.dumps would write), and whether a dict key is a NaN or infinite
+ * float (which encoders write differently).
+ *
  * escape_ascii(s, start, stop) returns the JSON escape of s[start:stop] exactly as
  * json.encoder.encode_basestring_ascii writes it, without the surrounding quotes:
  * '"' and '\\' and the five short control escapes get a backslash, every other
@@ -10,6 +15,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 
 /* Below this many characters, releasing and retaking the GIL costs more than it frees. */
 #define GIL_RELEASE_MIN 8192
@@ -146,7 +152,60 @@ static PyObject *escape_ascii(PyObject *self, PyObject *const *args, Py_ssize_t 
     return out;
 }
 
+/* Nesting deeper than this is left to the exact encoder (which reports what it must). */
+#define PLAIN_MAX_DEPTH 1000
+#define NOT_PLAIN -1
+#define NONFINITE_KEY 1
+
+static int plain_key(PyObject *key) {
+    PyTypeObject *t = Py_TYPE(key);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyBool_Type || key == Py_None) return 0;
+    if (t == &PyFloat_Type) return isfinite(PyFloat_AS_DOUBLE(key)) ? 0 : NONFINITE_KEY;
+    return NOT_PLAIN;
+}
+
+/* NOT_PLAIN, or the flags found in obj and below it. */
+static int plain_walk(PyObject *obj, int depth) {
+    PyTypeObject *t = Py_TYPE(obj);
+    if (t == &PyUnicode_Type || t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type ||
+        obj == Py_None)
+        return 0;
+    if (depth >= PLAIN_MAX_DEPTH) return NOT_PLAIN;
+    int flags = 0, r;
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        Py_ssize_t n = Py_SIZE(obj);
+        PyObject **items = t == &PyList_Type ? ((PyListObject *)obj)->ob_item
+                                             : ((PyTupleObject *)obj)->ob_item;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if ((r = plain_walk(items[i], depth + 1)) == NOT_PLAIN) return NOT_PLAIN;
+            flags |= r;
+        }
+        return flags;
+    }
+    if (t == &PyDict_Type) {
+        Py_ssize_t pos = 0;
+        PyObject *key, *value;
+        while (PyDict_Next(obj, &pos, &key, &value)) {
+            if ((r = plain_key(key)) == NOT_PLAIN) return NOT_PLAIN;
+            flags |= r;
+            if ((r = plain_walk(value, depth + 1)) == NOT_PLAIN) return NOT_PLAIN;
+            flags |= r;
+        }
+        return flags;
+    }
+    return NOT_PLAIN;
+}
+
+static PyObject *plain_tree(PyObject *self, PyObject *obj) {
+    return PyLong_FromLong(plain_walk(obj, 0));
+}
+
 static PyMethodDef methods[] = {
+    {"plain_tree", plain_tree, METH_O,
+     "plain_tree(obj) -> int\n\n"
+     "-1 if obj holds anything but exact dict, list, tuple, str, int, float, bool and\n"
+     "None (or nests deeper than 1000 levels); else 1 if a dict key is a NaN or\n"
+     "infinite float, else 0."},
     {"escape_ascii", (PyCFunction)(void (*)(void))escape_ascii, METH_FASTCALL,
      "escape_ascii(s, start=0, stop=len(s)) -> str\n\n"
      "json.encoder.encode_basestring_ascii(s[start:stop])[1:-1], computed with the GIL\n"

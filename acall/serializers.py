@@ -5,9 +5,11 @@
 lists, enum / exception / ``to_json`` envelopes), but it is faster and its loader is safe:
 
 * encoding hands whole containers to a C encoder: ujson's for containers built of
-  exact builtin types (``marshal`` proves it, in C), with every place where ujson would
-  write other bytes than ``json.dumps`` either mended or sent to the stdlib's; the
-  stdlib's otherwise. The Python-level pre-pass that wraps ``IntEnum`` / ``StrEnum``
+  exact builtin types (a native walker in ``acall._speedups``, or ``marshal``, proves
+  it, in C), with every place where ujson would write other bytes than ``json.dumps``
+  either mended or sent to the stdlib's; the stdlib's otherwise. Large strings are
+  escaped in pieces by a native escaper that releases the GIL (the stdlib's where the
+  extension was not built). The Python-level pre-pass that wraps ``IntEnum`` / ``StrEnum``
   members in envelopes runs only when a quick scan finds an enum member inside lists,
   tuples or dicts;
 * decoding walks the parsed value only when the text contains an envelope marker;
@@ -232,19 +234,65 @@ def _may_hold_nonfinite(marshalled: bytes) -> bool:
     return False
 
 
-def _fast_encoder() -> Callable[[Any, bytes], str | None] | None:
+#: What :data:`_plain` returns for a value not made only of exact builtin types.
+NOT_PLAIN: Final = -1
+#: Flag of :data:`_plain`: a dict key may be a NaN or infinite float.
+NONFINITE_KEY: Final = 1
+
+
+def _plain_by_marshal(obj: Any) -> int:
+    """:data:`_plain` where the native walker is missing: ``marshal`` accepts exact
+    ``dict``/``list``/``tuple``/``str``/``int``/``float``/... and refuses subclasses and
+    any other object, in C; a value it accepts holds no enum member. Its output shows
+    NaN and infinite floats (see :func:`_may_hold_nonfinite`)."""
+    try:
+        marshalled = marshal.dumps(obj)
+    except (ValueError, TypeError, RecursionError):
+        return NOT_PLAIN
+    return NONFINITE_KEY if _may_hold_nonfinite(marshalled) else 0
+
+
+class _ProbeEnum(Enum):
+    MEMBER = 1
+
+
+def _plain_checker() -> Callable[[Any], int]:
+    """``_plain(obj)``: :data:`NOT_PLAIN` unless *obj* is built only of exact ``dict``,
+    ``list``, ``tuple``, ``str``, ``int``, ``float``, ``bool`` and ``None``; else flags
+    (:data:`NONFINITE_KEY`).
+
+    The native walker (``acall._speedups.plain_tree``) reads the tree without writing
+    anything, about four times as fast as ``marshal``, and says exactly whether a key
+    is a NaN or infinite float.
+    """
+    try:
+        from acall._speedups import plain_tree
+    except ImportError:
+        return _plain_by_marshal
+    probe_plain = {"a": [1, 2.5, (None, True)], 3: {float("inf"): ""}}
+    probe_not = [1, {"a": _ProbeEnum.MEMBER}]
+    if plain_tree(probe_plain) != NONFINITE_KEY or plain_tree(probe_not) != NOT_PLAIN:
+        return _plain_by_marshal
+    return plain_tree
+
+
+_plain: Final = _plain_checker()
+
+
+def _fast_encoder() -> Callable[[Any, int], str | None] | None:
     """ujson's encoder, made to write exactly what json.dumps writes, or ``None``.
 
-    The returned function takes the value and its ``marshal`` output: marshal accepted
-    it, so it is made of exact builtin types only (no enum member, no subclass with its
-    own idea of how it encodes). It gives ``None`` where it cannot promise json.dumps's
-    bytes; the exact encoder then decides, errors included. ``None`` where ujson is
-    missing or its output differs on a probe (a version that changed what it writes).
+    The returned function takes the value and the flags :data:`_plain` found in it: it
+    is made of exact builtin types only (no enum member, no subclass with its own idea
+    of how it encodes), and ``NONFINITE_KEY`` says whether a dict key may be a NaN or
+    infinite float. It gives ``None`` where it cannot promise json.dumps's bytes; the
+    exact encoder then decides, errors included. ``None`` where ujson is missing or its
+    output differs on a probe (a version that changed what it writes).
 
-    One difference is left: marshal accepts any object with the buffer protocol, so a
-    subclass of ``bytes``, ``bytearray`` or ``array.array`` that defines ujson's
-    ``toDict()`` or ``__json__()`` hook is written through that hook, where json.dumps
-    (and so pynenc) would refuse it. No value both accept is written differently.
+    Where the native walker is missing, :data:`_plain` asks ``marshal``, which also
+    accepts any object with the buffer protocol: a subclass of ``bytes``, ``bytearray``
+    or ``array.array`` that defines ujson's ``toDict()`` or ``__json__()`` hook is then
+    written through that hook, where json.dumps (and so pynenc) would refuse it.
     """
     try:
         import ujson
@@ -253,7 +301,7 @@ def _fast_encoder() -> Callable[[Any, bytes], str | None] | None:
     dumps = ujson.dumps
     separators = (", ", ": ")
 
-    def encode(obj: Any, marshalled: bytes) -> str | None:
+    def encode(obj: Any, flags: int) -> str | None:
         try:
             text: str = dumps(
                 obj, ensure_ascii=True, escape_forward_slashes=False, separators=separators
@@ -264,18 +312,14 @@ def _fast_encoder() -> Callable[[Any, bytes], str | None] | None:
         # about 50 times slower.
         if "-" in text and "e-" in text and _ONE_DIGIT_EXPONENT.search(text) is not None:
             return None
-        if (
-            "{" in text
-            and _may_hold_nonfinite(marshalled)
-            and ('nan": ' in text or 'inf": ' in text)
-        ):
+        if flags & NONFINITE_KEY and ('nan": ' in text or 'inf": ' in text):
             return None
         if "\x7f" in text:
             text = text.replace("\x7f", "\\u007f")
         return text
 
     try:
-        if encode(_FAST_PROBE, marshal.dumps(_FAST_PROBE)) != json.dumps(_FAST_PROBE):
+        if encode(_FAST_PROBE, NONFINITE_KEY) != json.dumps(_FAST_PROBE):
             return None
     except Exception:  # pragma: no cover - a broken build of ujson
         return None
@@ -393,20 +437,6 @@ def _needs_enum_pass(obj: Any) -> bool:
     return False
 
 
-def _marshalled(obj: Any) -> bytes | None:
-    """*obj*'s ``marshal`` output if it is built only of exact builtin types, else None.
-
-    ``marshal`` accepts exact ``dict``/``list``/``tuple``/``str``/``int``/``float``/...
-    and refuses subclasses and any other object, in C, several times faster than even
-    the sliced scan; when it refuses, the scan decides. A value it accepts holds no enum
-    member.
-    """
-    try:
-        return marshal.dumps(obj)
-    except (ValueError, TypeError, RecursionError):
-        return None
-
-
 def _enum_pass(obj: Any) -> Any:
     """Wrap every enum member reachable through dicts, lists and tuples (pynenc's pre-pass)."""
     if isinstance(obj, Enum):
@@ -516,13 +546,13 @@ class JsonSerializer:
             return "true" if obj else "false"
         if kind is float:
             return _float_text(obj)
-        if (marshalled := _marshalled(obj)) is not None:
+        if (flags := _plain(obj)) != NOT_PLAIN:
             fast = _FAST_ENCODE
             if (
                 fast is not None
                 and (kind is list or kind is dict or kind is tuple)
                 and len(obj) >= self.fast_min_items
-                and (text := fast(obj, marshalled)) is not None
+                and (text := fast(obj, flags)) is not None
             ):
                 return text
         elif _needs_enum_pass(obj):

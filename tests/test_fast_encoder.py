@@ -21,14 +21,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from acall import JsonSerializer, SerializationError
-from acall.serializers import _FAST_ENCODE, _may_hold_nonfinite
+from acall.serializers import _FAST_ENCODE, _may_hold_nonfinite, _plain
 
 pytestmark = pytest.mark.skipif(_FAST_ENCODE is None, reason="ujson is missing or differs")
 
 
 def _fast(obj: Any) -> str | None:
     assert _FAST_ENCODE is not None
-    return _FAST_ENCODE(obj, marshal.dumps(obj))
+    flags = _plain(obj)
+    assert flags >= 0, "not a plain value"
+    return _FAST_ENCODE(obj, flags)
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""The native string escaper (``acall._speedups``) writes exactly what json writes.
+"""The native helpers (``acall._speedups``): the string escaper writes exactly what json
+writes, and the tree walker tells plain values from the rest.
 
 Large strings are escaped in pieces by :func:`acall._speedups.escape_ascii`, which runs
 with the GIL released. Its output feeds the content key and args_id, so it must be
@@ -10,6 +11,9 @@ output, where the extension is missing or disagrees.
 
 from __future__ import annotations
 
+import collections
+import decimal
+import enum
 import json
 import os
 import random
@@ -126,3 +130,122 @@ def test_a_missing_or_disagreeing_extension_is_not_used(monkeypatch: pytest.Monk
     assert _escaper_with(wrong, monkeypatch) is serializers._stdlib_escape_range
     assert _escaper_with(None, monkeypatch) is serializers._stdlib_escape_range
     assert _escaper_with(_speedups, monkeypatch) is escape_ascii
+
+
+# --------------------------------------------------------------------- plain_tree
+
+plain_tree = _speedups.plain_tree
+NOT_PLAIN = serializers.NOT_PLAIN
+NONFINITE_KEY = serializers.NONFINITE_KEY
+
+
+class _Color(enum.IntEnum):
+    RED = 1
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        -(2**80),
+        0.5,
+        float("nan"),  # as a value it changes nothing
+        "é",
+        [],
+        (),
+        {},
+        [1, (2.5, None), {"a": [True, {"b": "c"}]}],
+        {1: "int key", 2.5: "float key", False: "bool key", None: "none key", "s": ()},
+    ],
+)
+def test_exact_builtin_values_are_plain(value: Any) -> None:
+    assert plain_tree(value) == 0
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _Color.RED,
+        [1, {"nested": [_Color.RED]}],
+        {_Color.RED: 1},
+        [_Text("x")],
+        {_Text("k"): 1},
+        [collections.OrderedDict()],
+        [collections.defaultdict(list)],
+        [collections.UserList()],
+        [b"bytes"],
+        [bytearray()],
+        [{1, 2}],
+        [frozenset()],
+        [1j],
+        {(1, 2): "tuple key"},
+        [object()],
+        [decimal.Decimal(1)],
+    ],
+)
+def test_anything_else_is_not_plain(value: Any) -> None:
+    assert plain_tree(value) == NOT_PLAIN
+
+
+@pytest.mark.parametrize("key", [float("nan"), float("inf"), -float("inf")])
+def test_a_nonfinite_float_key_is_flagged(key: float) -> None:
+    assert plain_tree({key: 1}) == NONFINITE_KEY
+    assert plain_tree([[{"a": {key: None}}], {"b": 1.0}]) == NONFINITE_KEY
+    assert plain_tree([{key: [object()]}]) == NOT_PLAIN  # not plain wins
+
+
+def test_depth_and_cycles_are_left_to_the_exact_encoder() -> None:
+    deep: list[Any] = []
+    for _ in range(999):
+        deep = [deep]
+    assert plain_tree(deep) == 0
+    assert plain_tree([deep]) == NOT_PLAIN
+    cyclic: list[Any] = [1]
+    cyclic.append(cyclic)
+    assert plain_tree(cyclic) == NOT_PLAIN
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    assert plain_tree(looped) == NOT_PLAIN
+
+
+def test_the_serializer_uses_it() -> None:
+    assert serializers._plain is plain_tree
+
+
+def test_marshal_agrees_where_the_walker_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fallback: plain where the walker says plain (marshal also takes bytes and sets,
+    # which the fast encoder then refuses), and a NaN key never missed.
+    rng = random.Random(12)
+    for _ in range(300):
+        value: list[dict[Any, Any]] = [
+            {"id": rng.randint(-5, 5), "s": rng.random(), "t": [None, True, "x"]}
+            for _ in range(rng.randint(0, 40))
+        ]
+        if rng.random() < 0.3:
+            value.append({rng.choice([float("nan"), float("inf")]): 1})
+        native = plain_tree(value)
+        assert native != NOT_PLAIN
+        fallback = serializers._plain_by_marshal(value)
+        assert fallback != NOT_PLAIN
+        assert not native & NONFINITE_KEY or fallback & NONFINITE_KEY
+        expected = json.dumps(value)
+        assert JsonSerializer().dumps(value) == expected
+        monkeypatch.setattr(serializers, "_plain", serializers._plain_by_marshal)
+        assert JsonSerializer().dumps(value) == expected
+        monkeypatch.undo()
+
+
+def test_a_disagreeing_walker_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    wrong = types.ModuleType("acall._speedups")
+    wrong.plain_tree = lambda obj: 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "acall._speedups", wrong)
+    assert serializers._plain_checker() is serializers._plain_by_marshal
+    monkeypatch.setitem(sys.modules, "acall._speedups", None)
+    assert serializers._plain_checker() is serializers._plain_by_marshal
+    monkeypatch.setitem(sys.modules, "acall._speedups", _speedups)
+    assert serializers._plain_checker() is plain_tree
