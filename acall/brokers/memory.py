@@ -16,7 +16,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Final
 
@@ -24,6 +24,7 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase, check_name
+from acall.brokers._packed import Packed, RecordPacker
 from acall.brokers.base import Delivery, ScannedRecord
 from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import ConfigurationError
@@ -32,6 +33,13 @@ from acall.stores.base import validate_ttl
 __all__ = ["MemoryBroker"]
 
 _NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+#: Stale heap items a queue may hold beyond twice its live entries before it is rebuilt.
+_COMPACT_SLACK: Final = 1024
+
+#: Seconds a finished record stays an object before it is packed (see _packed.py): long
+#: enough for the clients waiting on it to read it as it is.
+ARCHIVE_AFTER: Final = 1.0
 
 
 class _Entry:
@@ -78,11 +86,18 @@ class _MemoryData:
     """The state behind one or more :class:`MemoryBroker` objects."""
 
     def __init__(self) -> None:
+        # Live records, and finished ones until they are packed into the archive.
         self.records: dict[str, InvocationRecord] = {}
+        self.archive: dict[str, Packed] = {}
+        self.packer = RecordPacker()
+        # (finished at, id) in the order they finished: the records to pack next.
+        self.to_archive: deque[tuple[float, str]] = deque()
         # Receipts only need to be unique per delivery within this state: a counter does.
         self.receipts = itertools.count(1)
         # Call key -> ids of its invocations in submission order (a dict as ordered set).
-        self.by_call: dict[str, dict[str, None]] = {}
+        # The one id as a str (the usual case), several as a dict: a dict of strs is not
+        # tracked by the garbage collector, so a week of finished calls costs it nothing.
+        self.by_call: dict[str, str | dict[str, None]] = {}
         self.dedup: dict[str, str] = {}
         self.entries: dict[str, _Entry] = {}
         self.queues: dict[str, _Queue] = {}
@@ -93,6 +108,56 @@ class _MemoryData:
         self.waiters: set[anyio.Event] = set()
         self.watchers: set[_Watcher] = set()
         self.next_seq = 0
+
+    def record(self, invocation_id: str) -> InvocationRecord | None:
+        """The current record of *invocation_id*, live or archived, or ``None``."""
+        record = self.records.get(invocation_id)
+        if record is None and self.archive:
+            packed = self.archive.get(invocation_id)
+            if packed is not None:
+                return self.packer.unpack(packed)
+        return record
+
+    def knows(self, invocation_id: str) -> bool:
+        return invocation_id in self.records or invocation_id in self.archive
+
+    def put(self, invocation_id: str, record: InvocationRecord) -> None:
+        """Store *record* as the current one (over an archived one too)."""
+        self.records[invocation_id] = record
+        if self.archive:
+            self.archive.pop(invocation_id, None)
+
+    def statuses(self) -> list[InvocationStatus]:
+        status = self.packer.status
+        return [
+            *(record.status for record in self.records.values()),
+            *(status(p) for p in self.archive.values()),
+        ]
+
+    def index_call(self, call_key: str, invocation_id: str) -> None:
+        known = self.by_call.get(call_key)
+        if known is None:
+            self.by_call[call_key] = invocation_id
+        elif isinstance(known, str):
+            self.by_call[call_key] = {known: None, invocation_id: None}
+        else:
+            known[invocation_id] = None
+
+    def unindex_call(self, call_key: str, invocation_id: str) -> None:
+        known = self.by_call.get(call_key)
+        if known == invocation_id:
+            del self.by_call[call_key]
+        elif isinstance(known, dict):
+            known.pop(invocation_id, None)
+            if not known:
+                del self.by_call[call_key]
+
+    def call_ids(self, call_key: str) -> list[str]:
+        """Ids of the invocations of *call_key*, in submission order."""
+        known = self.by_call.get(call_key)
+        if known is None:
+            return []
+        return [known] if isinstance(known, str) else list(known)
 
     def queue(self, name: str) -> _Queue:
         queue = self.queues.get(name)
@@ -129,7 +194,19 @@ class _MemoryData:
 
     def remove(self, entry: _Entry) -> None:
         del self.entries[entry.invocation_id]
-        self.queue(entry.queue).size -= 1
+        queue = self.queue(entry.queue)
+        queue.size -= 1
+        # Every delivery leaves a visibility item in `waiting` that goes stale when the
+        # entry is finished, and is otherwise only dropped when it comes due (after the
+        # visibility timeout): at thousands of tasks a second, hundreds of thousands of
+        # items. Once stale ones clearly outnumber the live, the heap is rebuilt without
+        # them (amortized constant time per removal).
+        if len(queue.waiting) > 2 * queue.size + _COMPACT_SLACK:
+            queue.waiting = [i for i in queue.waiting if self.current(i[2], i[1]) is not None]
+            heapq.heapify(queue.waiting)
+        if len(queue.ready) > 2 * queue.size + _COMPACT_SLACK:
+            queue.ready = [i for i in queue.ready if self.current(i[2], i[1]) is not None]
+            heapq.heapify(queue.ready)
 
     def holding(self, invocation_id: str, receipt: str) -> _Entry | None:
         entry = self.entries.get(invocation_id)
@@ -166,7 +243,7 @@ class _MemoryData:
             entry.receipt = f"r{next(self.receipts)}"
             entry.delivery_count += 1
             self.place(entry, now + visibility_timeout, now)
-            record = self.records.get(entry.invocation_id)
+            record = self.record(entry.invocation_id)
             if record is not None and not record.status.is_final:
                 record = self.records[entry.invocation_id] = claimed(record, consumer, wall_now)
             taken.append(
@@ -179,8 +256,10 @@ class _MemoryData:
     def store_final(self, record: InvocationRecord, now: float, record_ttl: float | None) -> None:
         """Store a final *record* over a known one: release its key, notify watchers."""
         invocation_id = record.invocation_id
-        previous = self.records[invocation_id]
-        self.records[invocation_id] = record
+        previous = self.record(invocation_id)
+        assert previous is not None
+        self.put(invocation_id, record)
+        self.to_archive.append((now, invocation_id))
         self.finished.pop(invocation_id, None)
         key = previous.dedup_key
         if key is not None and self.dedup.get(key) == invocation_id:
@@ -202,7 +281,11 @@ class _MemoryData:
         self.waiters.clear()
 
     def purge(self, now: float) -> None:
-        """Forget finished invocations whose record_ttl has passed."""
+        """Forget finished invocations whose record_ttl has passed; pack the finished
+        records that have been kept as objects long enough."""
+        to_archive = self.to_archive
+        if to_archive and to_archive[0][0] <= now - ARCHIVE_AFTER:
+            self._archive_until(now - ARCHIVE_AFTER)
         expired = []
         for invocation_id, expires_at in self.finished.items():
             if expires_at > now:
@@ -210,16 +293,31 @@ class _MemoryData:
             expired.append(invocation_id)
         for invocation_id in expired:
             del self.finished[invocation_id]
-            record = self.records.pop(invocation_id, None)
-            if record is not None:
-                ids = self.by_call.get(record.call_id.key)
-                if ids is not None:
-                    ids.pop(invocation_id, None)
-                    if not ids:
-                        del self.by_call[record.call_id.key]
+            call_key = self._forget(invocation_id)
+            if call_key is not None:
+                self.unindex_call(call_key, invocation_id)
             entry = self.entries.get(invocation_id)
             if entry is not None:
                 self.remove(entry)
+
+    def _forget(self, invocation_id: str) -> str | None:
+        """Drop the record of *invocation_id*; return its call key (``None`` if unknown)."""
+        record = self.records.pop(invocation_id, None)
+        if record is not None:
+            return record.call_id.key
+        packed = self.archive.pop(invocation_id, None)
+        return None if packed is None else self.packer.call_key(packed)
+
+    def _archive_until(self, cutoff: float) -> None:
+        to_archive = self.to_archive
+        pack = self.packer.pack
+        while to_archive and to_archive[0][0] <= cutoff:
+            invocation_id = to_archive.popleft()[1]
+            record = self.records.get(invocation_id)
+            # Skipped: forgotten, archived already (finished twice), or live again.
+            if record is not None and record.status.is_final:
+                self.archive[invocation_id] = pack(record)
+                del self.records[invocation_id]
 
 
 _named: dict[str, _MemoryData] = {}
@@ -277,19 +375,19 @@ class MemoryBroker(BrokerBase):
         result: list[InvocationRecord] = []
         for record in records:
             invocation_id = record.invocation_id
-            stored = data.records.get(invocation_id)
+            stored = data.record(invocation_id)
             if stored is not None:
                 result.append(stored)
                 continue
             key = record.dedup_key
             if key is not None:
-                holder = data.records.get(data.dedup.get(key, ""))
+                holder = data.record(data.dedup.get(key, ""))
                 if holder is not None and not holder.status.is_final:
                     result.append(holder)
                     continue
                 data.dedup[key] = invocation_id
             data.records[invocation_id] = record
-            data.by_call.setdefault(record.call_id.key, {})[invocation_id] = None
+            data.index_call(record.call_id.key, invocation_id)
             delay = 0.0 if record.not_before is None else record.not_before - wall
             data.enqueue(invocation_id, record.queue, now + delay, now)
             result.append(record)
@@ -298,16 +396,16 @@ class MemoryBroker(BrokerBase):
 
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
         await checkpoint()
-        self._data.purge(time.monotonic())
-        records = self._data.records
-        return [records.get(invocation_id) for invocation_id in invocation_ids]
+        data = self._data
+        data.purge(time.monotonic())
+        return [data.record(invocation_id) for invocation_id in invocation_ids]
 
     def get_now(self, invocation_id: str) -> InvocationRecord | None:
         """The current record of an invocation, or ``None`` if unknown; no waiting."""
         check_name(invocation_id, "invocation id")
         self._check_open()
         self._data.purge(time.monotonic())
-        return self._data.records.get(invocation_id)
+        return self._data.record(invocation_id)
 
     async def _update(self, record: InvocationRecord) -> bool:
         await checkpoint()
@@ -315,12 +413,12 @@ class MemoryBroker(BrokerBase):
         now = time.monotonic()
         data.purge(now)
         invocation_id = record.invocation_id
-        if invocation_id not in data.records:
+        if not data.knows(invocation_id):
             return False
         if record.status.is_final:
             data.store_final(record, now, self.record_ttl)
         else:
-            data.records[invocation_id] = record
+            data.put(invocation_id, record)
             data.finished.pop(invocation_id, None)
         return True
 
@@ -329,10 +427,12 @@ class MemoryBroker(BrokerBase):
         data = self._data
         data.purge(time.monotonic())
         found: list[InvocationRecord] = []
-        for invocation_id in data.by_call.get(call_key, {}):
+        for invocation_id in data.call_ids(call_key):
             if len(found) == limit:
                 break
-            found.append(data.records[invocation_id])
+            record = data.record(invocation_id)
+            if record is not None:
+                found.append(record)
         return found
 
     async def _receive(
@@ -366,7 +466,7 @@ class MemoryBroker(BrokerBase):
         now = time.monotonic()
         data.purge(now)
         for delivery, record in outcomes:
-            stored = data.records.get(record.invocation_id)
+            stored = data.record(record.invocation_id)
             if stored is not None and not stored.status.is_final:
                 data.store_final(record, now, self.record_ttl)
             entry = data.holding(delivery.invocation_id, delivery.receipt)
@@ -394,7 +494,7 @@ class MemoryBroker(BrokerBase):
         if entry is None:
             return
         now = time.monotonic()
-        data.records[record.invocation_id] = record
+        data.put(record.invocation_id, record)
         data.finished.pop(record.invocation_id, None)
         data.requeue(entry, now + delay, now)
         data.wake_receivers()
@@ -433,15 +533,22 @@ class MemoryBroker(BrokerBase):
         await checkpoint()
         self._data.purge(time.monotonic())
         # A snapshot: records are immutable values, replaced (never changed) on update.
-        records: list[ScannedRecord] = list(self._data.records.values())
+        data = self._data
+        records: list[ScannedRecord] = list(data.records.values())
         for start in range(0, len(records), batch_size):
             yield records[start : start + batch_size]
+            await checkpoint()
+        # Archived ones are unpacked a batch at a time.
+        packed = list(data.archive.values())
+        unpack = data.packer.unpack
+        for start in range(0, len(packed), batch_size):
+            yield [unpack(p) for p in packed[start : start + batch_size]]
             await checkpoint()
 
     async def _counts(self) -> dict[InvocationStatus, int]:
         await checkpoint()
         self._data.purge(time.monotonic())
-        return dict(Counter(record.status for record in self._data.records.values()))
+        return dict(Counter(self._data.statuses()))
 
     async def _pending_count(self, queue: str) -> int:
         await checkpoint()
