@@ -575,16 +575,20 @@ class OffloadCodec:
         # known whether the whole is large enough to offload: nearly always it is. Past
         # max_size_to_offload it will stay inline, so digesting stops there.
         limit = self.settings.max_size_to_offload
-        texts: list[str] = []
+        # The text itself is kept only while it may yet stay inline.
+        texts: list[str] | None = []
         chars = 0
         digest = PieceDigest(_compressor(self.settings), overlap=True)
         try:
             for piece in _checked(pieces):
-                texts.append(piece)
                 chars += len(piece)
+                if texts is not None:
+                    texts.append(piece)
+                    if not limit and chars >= self.settings.min_size_to_offload:
+                        texts = None  # offloaded for sure
                 if not limit or chars <= limit:
                     digest.feed(piece.encode("utf-8"))
-            if not self._should_offload(chars):
+            if texts is not None and not self._should_offload(chars):
                 return Prepared(inline="".join(texts))
             return self._reference(digest)
         finally:
