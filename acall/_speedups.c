@@ -5,6 +5,11 @@
  * changing what json.dumps would write), and whether a dict key is a NaN or infinite
  * float (which encoders write differently).
  *
+ * args_text(serialized_args) builds the bytes the canonical args_id hashes: for each
+ * key in sorted order, JSON(key) "=" JSON(value) ";" in UTF-8, where JSON(s) is
+ * json.dumps(s, ensure_ascii=False). Anything it does not take (a non-dict, a non-str
+ * key or value, a lone surrogate) raises, and the caller's Python path decides.
+ *
  * escape_ascii(s, start, stop) returns the JSON escape of s[start:stop] exactly as
  * json.encoder.encode_basestring_ascii writes it, without the surrounding quotes:
  * '"' and '\\' and the five short control escapes get a backslash, every other
@@ -152,6 +157,121 @@ static PyObject *escape_ascii(PyObject *self, PyObject *const *args, Py_ssize_t 
     return out;
 }
 
+/* ---------------------------------------------------------------- args_text */
+
+/* UTF-8 length of one character as json.dumps(ensure_ascii=False) writes it; -1 for a
+ * surrogate (not encodable). */
+static inline Py_ssize_t utf8_json_len(Py_UCS4 c) {
+    if (c < 0x80) return ASCII_LEN[c] == 6 && c == 0x7f ? 1 : ASCII_LEN[c];
+    if (c < 0x800) return 2;
+    if (c >= 0xd800 && c <= 0xdfff) return -1;
+    return c < 0x10000 ? 3 : 4;
+}
+
+static inline char *put_utf8_json(char *p, Py_UCS4 c) {
+    if (c < 0x80) {
+        if (c == 0x7f) {
+            *p = (char)c;
+            return p + 1;
+        }
+        return put_char(p, c);
+    }
+    if (c < 0x800) {
+        p[0] = (char)(0xc0 | (c >> 6));
+        p[1] = (char)(0x80 | (c & 0x3f));
+        return p + 2;
+    }
+    if (c < 0x10000) {
+        p[0] = (char)(0xe0 | (c >> 12));
+        p[1] = (char)(0x80 | ((c >> 6) & 0x3f));
+        p[2] = (char)(0x80 | (c & 0x3f));
+        return p + 3;
+    }
+    p[0] = (char)(0xf0 | (c >> 18));
+    p[1] = (char)(0x80 | ((c >> 12) & 0x3f));
+    p[2] = (char)(0x80 | ((c >> 6) & 0x3f));
+    p[3] = (char)(0x80 | (c & 0x3f));
+    return p + 4;
+}
+
+/* Quoted JSON length of s, or -1 (with an exception set) if it holds a surrogate. */
+static Py_ssize_t json_utf8_size(PyObject *s) {
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), size = 2;
+    if (PyUnicode_IS_ASCII(s)) {
+        const Py_UCS1 *a = (const Py_UCS1 *)data;
+        for (Py_ssize_t i = 0; i < n; i++) size += a[i] == 0x7f ? 1 : ASCII_LEN[a[i]];
+        return size;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_ssize_t d = utf8_json_len(PyUnicode_READ(kind, data, i));
+        if (d < 0) {
+            PyErr_SetString(PyExc_ValueError, "a lone surrogate cannot be encoded as UTF-8");
+            return -1;
+        }
+        size += d;
+    }
+    return size;
+}
+
+static char *put_json_utf8(char *p, PyObject *s) {
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    *p++ = '"';
+    for (Py_ssize_t i = 0; i < n; i++) p = put_utf8_json(p, PyUnicode_READ(kind, data, i));
+    *p++ = '"';
+    return p;
+}
+
+static PyObject *args_text(PyObject *self, PyObject *args) {
+    if (!PyDict_CheckExact(args)) {
+        PyErr_SetString(PyExc_TypeError, "args_text() needs a dict");
+        return NULL;
+    }
+    PyObject *keys = PyDict_Keys(args);
+    if (keys == NULL) return NULL;
+    PyObject *out = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(keys), total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *value = PyDict_GetItemWithError(args, key);
+        if (value == NULL || !PyUnicode_Check(key) || !PyUnicode_Check(value)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "keys and values must be str");
+            goto done;
+        }
+        Py_ssize_t k = json_utf8_size(key), v = json_utf8_size(value);
+        if (k < 0 || v < 0) goto done;
+        total += k + v + 2; /* "=" and ";" */
+    }
+    /* The order of sorted(keys): the same comparisons, subclasses' included. */
+    if (PyList_Sort(keys) < 0) goto done;
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) goto done;
+    char *p = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *value = PyDict_GetItemWithError(args, key);
+        if (value == NULL) { /* the dict changed while the keys were sorted */
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "arguments changed");
+            Py_CLEAR(out);
+            goto done;
+        }
+        p = put_json_utf8(p, key);
+        *p++ = '=';
+        p = put_json_utf8(p, value);
+        *p++ = ';';
+    }
+    if (p != PyBytes_AS_STRING(out) + total) { /* the dict changed while the keys were sorted */
+        PyErr_SetString(PyExc_RuntimeError, "arguments changed");
+        Py_CLEAR(out);
+    }
+done:
+    Py_DECREF(keys);
+    return out;
+}
+
 /* Nesting deeper than this is left to the exact encoder (which reports what it must). */
 #define PLAIN_MAX_DEPTH 1000
 #define NOT_PLAIN -1
@@ -201,6 +321,10 @@ static PyObject *plain_tree(PyObject *self, PyObject *obj) {
 }
 
 static PyMethodDef methods[] = {
+    {"args_text", args_text, METH_O,
+     "args_text(serialized_args) -> bytes\n\n"
+     "For each key in sorted order, JSON(key) + '=' + JSON(value) + ';' in UTF-8, where\n"
+     "JSON(s) is json.dumps(s, ensure_ascii=False): what the canonical args_id hashes."},
     {"plain_tree", plain_tree, METH_O,
      "plain_tree(obj) -> int\n\n"
      "-1 if obj holds anything but exact dict, list, tuple, str, int, float, bool and\n"

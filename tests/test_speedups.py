@@ -249,3 +249,97 @@ def test_a_disagreeing_walker_is_not_used(monkeypatch: pytest.MonkeyPatch) -> No
     assert serializers._plain_checker() is serializers._plain_by_marshal
     monkeypatch.setitem(sys.modules, "acall._speedups", _speedups)
     assert serializers._plain_checker() is plain_tree
+
+
+# ---------------------------------------------------------------------- args_text
+
+args_text = _speedups.args_text
+
+
+def _rule(args: dict[str, str]) -> bytes:
+    """The canonical rule, written out: JSON(key)=JSON(value); in sorted key order."""
+    return "".join(
+        f"{json.dumps(k, ensure_ascii=False)}={json.dumps(args[k], ensure_ascii=False)};"
+        for k in sorted(args)
+    ).encode("utf-8")
+
+
+def _random_args(rng: random.Random) -> dict[str, str]:
+    alphabet = 'ab"\\\n\t\x00\x1f\x7f é€😀\U0010ffff\u2028'
+    return {
+        "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 6))): "".join(
+            rng.choice(alphabet) for _ in range(rng.randint(0, 40))
+        )
+        for _ in range(rng.randint(1, 12))
+    }
+
+
+def test_args_text_follows_the_rule() -> None:
+    rng = random.Random(5)
+    for _ in range(2000):
+        args = _random_args(rng)
+        assert args_text(args) == _rule(args)
+
+
+def test_args_text_on_every_code_point_but_surrogates() -> None:
+    text = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+    args = {"all": text, text[:300]: "key"}
+    assert args_text(args) == _rule(args)
+
+
+def test_args_text_refuses_what_the_python_rule_must_report() -> None:
+    with pytest.raises(ValueError, match="surrogate"):
+        args_text({"a": "\ud800"})
+    with pytest.raises(ValueError, match="surrogate"):
+        args_text({"\udfff": "a"})
+    with pytest.raises(TypeError):
+        args_text({"a": 1})
+    with pytest.raises(TypeError):
+        args_text({1: "a"})
+    with pytest.raises(TypeError, match="needs a dict"):
+        args_text(collections.OrderedDict(a="1"))
+    with pytest.raises(TypeError, match="needs a dict"):
+        args_text(types.MappingProxyType({"a": "1"}))
+
+
+def test_args_text_sorts_as_sorted_does() -> None:
+    class Backwards(str):
+        def __lt__(self, other: object) -> bool:
+            return str.__gt__(self, str(other))
+
+    args: dict[str, str] = {Backwards("a"): "1", Backwards("b"): "2", Backwards("c"): "3"}
+    assert args_text(args) == _rule(args) == b'"c"="3";"b"="2";"a"="1";'
+
+
+def test_args_ids_are_the_same_without_the_native_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from acall import hashing
+
+    assert hashing._ARGS_TEXT is args_text
+    rng = random.Random(6)
+    cases = [_random_args(rng) for _ in range(300)]
+    native = [hashing.compute_args_id(args) for args in cases]
+    monkeypatch.setattr(hashing, "_ARGS_TEXT", None)
+    assert [hashing.compute_args_id(args) for args in cases] == native
+
+
+def test_args_ids_still_report_bad_arguments() -> None:
+    from acall import SerializationError
+    from acall.hashing import compute_args_id
+
+    with pytest.raises(SerializationError):
+        compute_args_id({"a": "\ud800"})
+    with pytest.raises(SerializationError):
+        compute_args_id({"a": 1})  # type: ignore[dict-item]
+
+
+def test_a_dict_changed_while_sorting_is_left_to_the_python_rule() -> None:
+    args: dict[str, str] = {}
+
+    class Meddling(str):
+        def __lt__(self, other: object) -> bool:
+            args.pop("z", None)
+            return str.__lt__(self, str(other))
+
+    args.update({Meddling("m"): "1", Meddling("n"): "2", "z": "3"})
+    with pytest.raises((RuntimeError, TypeError)):
+        args_text(args)
