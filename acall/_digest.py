@@ -9,12 +9,15 @@ the GIL on large buffers, so on two cores the hashing costs the encoding thread 
 nothing.
 
 How the handover stays cheap: a helper thread blocked on its queue needs the GIL to take
-the next piece, and while the encoding thread runs C code that never releases the GIL, a
-waiting thread gets it only after the interpreter's switch interval (5 ms). So the
-encoder calls ``time.sleep(0)`` after queueing each piece, which lets the helper in at
-once: it takes the piece, starts hashing it and gives the GIL back, and the helper stays
-within about one piece of the encoder. What is left to hash when the last piece is
-encoded is one piece, not a batch.
+the next piece, and while the encoding thread runs C code that never releases the GIL
+(the stdlib's escaper, ujson), a waiting thread gets it only after the interpreter's
+switch interval (5 ms). So when the encoder finds the previous piece still queued, it
+calls ``time.sleep(0)`` after queueing the next, which lets the helper in at once: it
+takes a piece, starts hashing it and gives the GIL back, and the helper stays within
+about one piece of the encoder. An encoder that releases the GIL itself (acall's native
+string escaper) finds the queue empty and skips the call, which would only cost it a
+handover per piece. What is left to hash when the last piece is encoded is one piece,
+not a batch.
 
 The xxh3 checksum (fast) and the list of stored pieces stay with the encoding thread;
 only :meth:`PieceDigest.take` joins the pieces into one ``bytes`` (``bytes.join``
@@ -153,8 +156,12 @@ class PieceDigest:
         self._pending.append(data)
         self._pending_size += len(data)
         if self._pending_size >= QUEUE_MIN:
+            # The previous piece still queued: the helper is waiting for the GIL, which
+            # the encoder held all along. Let it in now, not a switch interval later.
+            behind = not helper.queue.empty()
             self._queue_pending(helper)
-            time.sleep(0)  # let the helper take the GIL now, not a switch interval later
+            if behind:
+                time.sleep(0)
 
     def finish(self) -> tuple[str, int, int, int]:
         """Return (sha256 hex digest, raw byte length, xxh3 checksum, stored length)."""
