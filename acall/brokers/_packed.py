@@ -47,10 +47,13 @@ PACKED_FIELDS: Final = (
 )
 
 _STATUSES: Final = {status.value: status for status in InvocationStatus}
+# The first byte of a packed record: its status, readable without unpacking (counts).
+_STATUS_BYTE: Final = {status: bytes([i]) for i, status in enumerate(InvocationStatus)}
+_BY_BYTE: Final = dict(enumerate(InvocationStatus))
 
-#: A packed record: ``marshal`` of the flat tuple (invocation_id, task key, args_id,
-#: queue, status value, attempt, max_retries, created_at, updated_at, not_before,
-#: timeout, worker_id, dedup_key, error type name (None: no error), message,
+#: A packed record: a status byte, then ``marshal`` of the flat tuple (invocation_id,
+#: task key, args_id, queue, status value, attempt, max_retries, created_at, updated_at,
+#: not_before, timeout, worker_id, dedup_key, error type name (None: no error), message,
 #: serialized, traceback, result, v), then the serialized arguments as name, text,
 #: name, text...
 Packed = bytes
@@ -73,7 +76,7 @@ class RecordPacker:
         if task_key not in self._task_ids:
             self._task_ids[task_key] = task_id
         e = r.error
-        return marshal.dumps(
+        return _STATUS_BYTE[r.status] + marshal.dumps(
             (
                 r.invocation_id,
                 task_key,
@@ -101,7 +104,7 @@ class RecordPacker:
 
     def unpack(self, packed: Packed) -> InvocationRecord:
         """The record :meth:`pack` packed."""
-        p = marshal.loads(packed)
+        p = marshal.loads(memoryview(packed)[1:])
         arguments = dict(zip(p[_ARGS_AT::2], p[_ARGS_AT + 1 :: 2], strict=True))
         call = make_call_dto(make_call_id(self._task_ids[p[1]], p[2]), arguments)
         return InvocationRecord(
@@ -128,4 +131,4 @@ class RecordPacker:
 
     def status(self, packed: Packed) -> InvocationStatus:
         """The status of a packed record."""
-        return _STATUSES[marshal.loads(packed)[4]]
+        return _BY_BYTE[packed[0]]
