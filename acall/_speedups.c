@@ -7,8 +7,9 @@
  *
  * args_text(serialized_args) builds the bytes the canonical args_id hashes: for each
  * key in sorted order, JSON(key) "=" JSON(value) ";" in UTF-8, where JSON(s) is
- * json.dumps(s, ensure_ascii=False). Anything it does not take (a non-dict, a non-str
- * key or value, a lone surrogate) raises, and the caller's Python path decides.
+ * json.dumps(s, ensure_ascii=False). Anything it does not take (a non-dict, a key or
+ * value that is not an exact str, a lone surrogate) raises, and the caller's Python
+ * path decides.
  *
  * escape_ascii(s, start, stop) returns the JSON escape of s[start:stop] exactly as
  * json.encoder.encode_basestring_ascii writes it, without the surrounding quotes:
@@ -226,34 +227,36 @@ static char *put_json_utf8(char *p, PyObject *s) {
 }
 
 static PyObject *args_text(PyObject *self, PyObject *args) {
+    /* Exact dict, exact str keys and values only: then hashing, comparing and sorting
+     * them never runs Python code, so nothing can change the dict between measuring the
+     * output and writing it (subclasses are left to the Python rule). */
     if (!PyDict_CheckExact(args)) {
         PyErr_SetString(PyExc_TypeError, "args_text() needs a dict");
         return NULL;
     }
+    Py_ssize_t pos = 0, total = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(args, &pos, &key, &value)) {
+        if (!PyUnicode_CheckExact(key) || !PyUnicode_CheckExact(value)) {
+            PyErr_SetString(PyExc_TypeError, "args_text() needs exact str keys and values");
+            return NULL;
+        }
+        Py_ssize_t k = json_utf8_size(key), v = json_utf8_size(value);
+        if (k < 0 || v < 0) return NULL;
+        total += k + v + 2; /* "=" and ";" */
+    }
     PyObject *keys = PyDict_Keys(args);
     if (keys == NULL) return NULL;
     PyObject *out = NULL;
-    Py_ssize_t n = PyList_GET_SIZE(keys), total = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *value = PyDict_GetItemWithError(args, key);
-        if (value == NULL || !PyUnicode_Check(key) || !PyUnicode_Check(value)) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "keys and values must be str");
-            goto done;
-        }
-        Py_ssize_t k = json_utf8_size(key), v = json_utf8_size(value);
-        if (k < 0 || v < 0) goto done;
-        total += k + v + 2; /* "=" and ";" */
-    }
-    /* The order of sorted(keys): the same comparisons, subclasses' included. */
     if (PyList_Sort(keys) < 0) goto done;
     out = PyBytes_FromStringAndSize(NULL, total);
     if (out == NULL) goto done;
     char *p = PyBytes_AS_STRING(out);
+    Py_ssize_t n = PyList_GET_SIZE(keys);
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *key = PyList_GET_ITEM(keys, i);
-        PyObject *value = PyDict_GetItemWithError(args, key);
-        if (value == NULL) { /* the dict changed while the keys were sorted */
+        key = PyList_GET_ITEM(keys, i);
+        value = PyDict_GetItemWithError(args, key);
+        if (value == NULL) { /* cannot happen: no Python code ran since the first pass */
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "arguments changed");
             Py_CLEAR(out);
             goto done;
@@ -262,10 +265,6 @@ static PyObject *args_text(PyObject *self, PyObject *args) {
         *p++ = '=';
         p = put_json_utf8(p, value);
         *p++ = ';';
-    }
-    if (p != PyBytes_AS_STRING(out) + total) { /* the dict changed while the keys were sorted */
-        PyErr_SetString(PyExc_RuntimeError, "arguments changed");
-        Py_CLEAR(out);
     }
 done:
     Py_DECREF(keys);
