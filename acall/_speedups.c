@@ -163,7 +163,7 @@ static PyObject *escape_ascii(PyObject *self, PyObject *const *args, Py_ssize_t 
 /* UTF-8 length of one character as json.dumps(ensure_ascii=False) writes it; -1 for a
  * surrogate (not encodable). */
 static inline Py_ssize_t utf8_json_len(Py_UCS4 c) {
-    if (c < 0x80) return ASCII_LEN[c] == 6 && c == 0x7f ? 1 : ASCII_LEN[c];
+    if (c < 0x80) return c == 0x7f ? 1 : ASCII_LEN[c]; /* DEL stays as it is here */
     if (c < 0x800) return 2;
     if (c >= 0xd800 && c <= 0xdfff) return -1;
     return c < 0x10000 ? 3 : 4;
@@ -202,7 +202,7 @@ static Py_ssize_t json_utf8_size(PyObject *s) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(s), size = 2;
     if (PyUnicode_IS_ASCII(s)) {
         const Py_UCS1 *a = (const Py_UCS1 *)data;
-        for (Py_ssize_t i = 0; i < n; i++) size += a[i] == 0x7f ? 1 : ASCII_LEN[a[i]];
+        for (Py_ssize_t i = 0; i < n; i++) size += utf8_json_len(a[i]);
         return size;
     }
     for (Py_ssize_t i = 0; i < n; i++) {

@@ -46,18 +46,17 @@ PACKED_FIELDS: Final = (
     "v",
 )
 
-_STATUSES: Final = {status.value: status for status in InvocationStatus}
 # The first byte of a packed record: its status, readable without unpacking (counts).
 _STATUS_BYTE: Final = {status: bytes([i]) for i, status in enumerate(InvocationStatus)}
 _BY_BYTE: Final = dict(enumerate(InvocationStatus))
 
 #: A packed record: a status byte, then ``marshal`` of the flat tuple (invocation_id,
-#: task key, args_id, queue, status value, attempt, max_retries, created_at, updated_at,
-#: not_before, timeout, worker_id, dedup_key, error type name (None: no error), message,
+#: task key, args_id, queue, attempt, max_retries, created_at, updated_at, not_before,
+#: timeout, worker_id, dedup_key, error type name (None: no error), message,
 #: serialized, traceback, result, v), then the serialized arguments as name, text,
 #: name, text...
 Packed = bytes
-_ARGS_AT: Final = 19
+_ARGS_AT: Final = 18
 
 
 class RecordPacker:
@@ -82,7 +81,6 @@ class RecordPacker:
                 task_key,
                 call_id.args_id,
                 r.queue,
-                r.status.value,
                 r.attempt,
                 r.max_retries,
                 r.created_at,
@@ -111,7 +109,8 @@ class RecordPacker:
             p[0],
             call,
             p[3],
-            _STATUSES[p[4]],
+            _BY_BYTE[packed[0]],
+            p[4],
             p[5],
             p[6],
             p[7],
@@ -119,10 +118,9 @@ class RecordPacker:
             p[9],
             p[10],
             p[11],
-            p[12],
-            None if p[13] is None else ErrorInfo(p[13], p[14], p[15], p[16]),
+            None if p[12] is None else ErrorInfo(p[12], p[13], p[14], p[15]),
+            p[16],
             p[17],
-            p[18],
         )
 
     def call_key(self, packed: Packed) -> str:

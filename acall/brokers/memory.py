@@ -37,6 +37,9 @@ _NAME_CHARS: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 #: Stale heap items a queue may hold beyond twice its live entries before it is rebuilt.
 _COMPACT_SLACK: Final = 1024
 
+#: Finished records packed at most per broker operation.
+ARCHIVE_BATCH: Final = 1000
+
 #: Seconds a finished record stays an object before it is packed (see _packed.py): long
 #: enough for the clients waiting on it to read it as it is.
 ARCHIVE_AFTER: Final = 1.0
@@ -311,7 +314,11 @@ class _MemoryData:
     def _archive_until(self, cutoff: float) -> None:
         to_archive = self.to_archive
         pack = self.packer.pack
-        while to_archive and to_archive[0][0] <= cutoff:
+        # A bounded share per call (about 1 ms): purge runs on the event loop at every
+        # operation, and a burst of 20,000 finishes would otherwise be packed at once.
+        for _ in range(min(len(to_archive), ARCHIVE_BATCH)):
+            if to_archive[0][0] > cutoff:
+                break
             invocation_id = to_archive.popleft()[1]
             record = self.records.get(invocation_id)
             # Skipped: forgotten, archived already (finished twice), or live again.
