@@ -46,7 +46,7 @@ from acall._concurrency import GroupCommit, Wakeup
 from acall.brokers import open_broker
 from acall.brokers.base import Broker
 from acall.calls import Call, ConcurrencyMode, PreSerializedCall, TaskSpec
-from acall.codec import OffloadCodec, OffloadSettings
+from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings
 from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
 from acall.errors import (
     AcallError,
@@ -59,7 +59,7 @@ from acall.errors import (
     SerializationError,
     TaskError,
 )
-from acall.hashing import compute_args_id
+from acall.hashing import REFERENCE_PREFIX, compute_args_id
 from acall.ids import TaskId
 from acall.lifecycle import BlobCollection
 from acall.serializers import JsonSerializer, Serializer
@@ -394,15 +394,19 @@ class _ResultWaiter:
         # thousands of handles awaited at once, every frame is one more object that the
         # garbage collector walks again and again.
         waiters = self._waiters
+        in_process = self.broker.reads_in_process
+        if in_process:
+            # No round trip: read it now, and register only if it is still to finish
+            # (nothing can finish between the read and the registration: no await).
+            record = self.broker.get_now(invocation_id)
+            if record is not None and record.status.is_final:
+                return record
         me = waiters[invocation_id] = _Waiter(waiters.get(invocation_id))
         timer: asyncio.TimerHandle | None = None
         try:
             started = anyio.current_time()
             # Registered first, then looked up: a finish in between is not missed.
-            if self.broker.reads_in_process:
-                # No round trip to batch: read it now (no batch entry, no future).
-                record = self.broker.get_now(invocation_id)
-            else:
+            if not in_process:
                 try:
                     record = await self._lookup.submit(invocation_id, me)
                 except BrokerUnavailableError as exc:
@@ -602,14 +606,17 @@ class InvocationHandle(Generic[R]):
         # (The app's waiter directly, not App.wait_final: one coroutine frame less for
         # each of the thousands of handles that may be awaited at once.)
         record = await self.app._waiter.wait(self.invocation_id, timeout)
-        if record.status is InvocationStatus.SUCCESS:
-            return await self._load_result(record)
-        raise rebuild_exception(self.app.serializer, record)
-
-    async def _load_result(self, record: InvocationRecord) -> R:
-        if record.result is None:
+        if record.status is not InvocationStatus.SUCCESS:
+            raise rebuild_exception(self.app.serializer, record)
+        text = record.result
+        if text is None:
             return None  # type: ignore[return-value]
-        value = await self.app.codec.decode(record.result)
+        codec = self.app.codec
+        if len(text) < THREAD_MIN_CHARS and not text.startswith(REFERENCE_PREFIX):
+            # Small and inline (the usual case): loaded here, one coroutine less.
+            value = codec.serializer.loads(text)
+        else:
+            value = await codec.decode(text)
         task = self.task or self.app.get_task(record.call_id.task_id.key)
         if task is not None:
             value = task.structure_result(value)
