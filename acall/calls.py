@@ -700,11 +700,15 @@ class LazyCall(_CallBase[R]):
         """Load every argument: one batched fetch for all references, cached."""
         if not self._loaded and not self.spec.param_types:
             # Common case first: every argument inline and small, nothing typed.
-            loads = self.codec.serializer.loads
-            texts = self._serialized.values()
-            if all(len(t) < _INLINE_FAST and not t.startswith(REFERENCE_PREFIX) for t in texts):
+            serialized = self._serialized
+            # (A plain loop, not all() over a generator: this runs for every call.)
+            for t in serialized.values():
+                if len(t) >= _INLINE_FAST or t.startswith(REFERENCE_PREFIX):
+                    break
+            else:
+                loads = self.codec.serializer.loads
                 try:
-                    self._loaded = {n: loads(t) for n, t in self._serialized.items()}
+                    self._loaded = {n: loads(t) for n, t in serialized.items()}
                     return dict(self._loaded)
                 except DeserializationError:
                     self._loaded = {}  # the slow path names the argument that failed

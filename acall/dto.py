@@ -20,6 +20,7 @@ JSON shapes (``docs/wire-format.md`` is the normative description)::
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import json
@@ -104,16 +105,18 @@ make_call_dto: Final = _call_dto_maker()
 class InvocationStatus(enum.StrEnum):
     """Where an invocation is in its life. Final states: SUCCESS and FAILED."""
 
+    #: True for SUCCESS and FAILED: nothing will change the invocation again. (A plain
+    #: attribute of each member, not a property: it is read several times per invocation.)
+    is_final: bool
+
     PENDING = "pending"
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCESS = "success"
     FAILED = "failed"
 
-    @property
-    def is_final(self) -> bool:
-        """True for SUCCESS and FAILED: nothing will change the invocation again."""
-        return self in (InvocationStatus.SUCCESS, InvocationStatus.FAILED)
+    def __init__(self, value: str) -> None:
+        self.is_final = value in ("success", "failed")
 
 
 @attrs.frozen(slots=True)
@@ -130,14 +133,32 @@ class ErrorInfo:
 _VARIANT: Final = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
+#: Ids made ahead, taken from the left. ``deque.popleft`` is atomic, so threads never
+#: share an id; a forked child drops the parent's (it would hand out the same ones).
+_ids_ahead: collections.deque[str] = collections.deque()
+_IDS_PER_REFILL: Final = 256
+os.register_at_fork(after_in_child=_ids_ahead.clear)
+
+
 def new_invocation_id() -> str:
     """Return a fresh random invocation id: a version-4 UUID as 32 lowercase hex digits.
 
-    The same as ``uuid.uuid4().hex``, three times faster (no UUID object): it is made
-    for every invocation submitted.
+    The same as ``uuid.uuid4().hex`` (16 bytes from ``os.urandom``), made 256 at a time:
+    one system call per 256 ids instead of one per id, for every invocation submitted.
     """
-    h = os.urandom(16).hex()
-    return f"{h[:12]}4{h[13:16]}{_VARIANT[h[16]]}{h[17:]}"
+    try:
+        return _ids_ahead.popleft()
+    except IndexError:
+        pass
+    raw = os.urandom(16 * _IDS_PER_REFILL).hex()
+    variant = _VARIANT
+    fresh = [
+        f"{raw[i : i + 12]}4{raw[i + 13 : i + 16]}{variant[raw[i + 16]]}{raw[i + 17 : i + 32]}"
+        for i in range(32, 32 * _IDS_PER_REFILL, 32)
+    ]
+    _ids_ahead.extend(fresh)
+    h = raw[:32]
+    return f"{h[:12]}4{h[13:16]}{variant[h[16]]}{h[17:]}"
 
 
 @attrs.frozen(slots=True)

@@ -27,15 +27,16 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Sequence
+from typing import Any, Final
 
 import anyio
 import anyio.abc
 import anyio.to_thread
 import attrs
 
-from acall._concurrency import GroupCommit
+from acall._concurrency import Wakeup
+from acall._outcomes import Outcome, OutcomeWriter, ride_out
 from acall.brokers.base import Delivery
 from acall.calls import LazyCall
 from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, succeeded
@@ -84,8 +85,6 @@ _UNREACHABLE_BACKOFF: Final = (0.5, 30.0)
 #: (the visibility timeout when that is longer); after that the entry is left to be
 #: delivered again once the broker is back.
 _OUTCOME_PATIENCE: Final = 30.0
-
-_T = TypeVar("_T")
 
 
 class _Unreachable(Exception):
@@ -234,12 +233,15 @@ class Worker:
         self._slot_freed = anyio.Event()
         self._stopping = anyio.Event()
         self._started = anyio.Event()
-        # Outcomes of invocations finishing together are recorded in one broker call.
-        self._finisher: GroupCommit[tuple[Delivery, InvocationRecord], None] = GroupCommit(
-            self._finish_batch
-        )
+        self._patience = max(_OUTCOME_PATIENCE, visibility_timeout)
+        # Final outcomes are recorded by a writer of their own, in batches: a consumer
+        # hands its outcome over and goes on (see acall._outcomes).
+        self._outcomes = OutcomeWriter(app.broker, patience=self._patience, done=self._settled)
         self._queue: collections.deque[Delivery] = collections.deque()
-        self._work_ready = anyio.Event()
+        # Consumers with nothing to do, each asleep on its own wake-up call, and how
+        # many have been woken but not run yet (see _consume).
+        self._idle: list[Wakeup] = []
+        self._waking = 0
         self._no_more_work = False
 
     def __repr__(self) -> str:
@@ -274,18 +276,26 @@ class Worker:
                 app = self.app
                 self.collector = BlobCollector(app.broker, app.store, collection)
                 outer.start_soon(self.collector.run)
-            # A fixed pool of consumer tasks fed from a queue: no task is created per
-            # invocation, and at most `concurrency` entries are ever held.
-            async with anyio.create_task_group() as work:
-                for _ in range(self.concurrency):
-                    work.start_soon(self._consume)
-                self._started.set()
+            # The outcome writer outlives the consumers: what they handed over is
+            # recorded even when the grace period ran out.
+            async with anyio.create_task_group() as writing:
+                writing.start_soon(self._outcomes.run)
                 try:
-                    await self._receive_loop()
+                    # A fixed pool of consumer tasks fed from a queue: no task is created
+                    # per invocation, and at most `concurrency` entries are ever held.
+                    async with anyio.create_task_group() as work:
+                        for _ in range(self.concurrency):
+                            work.start_soon(self._consume)
+                        self._started.set()
+                        try:
+                            await self._receive_loop()
+                        finally:
+                            self._no_more_work = True
+                            while self._idle:
+                                self._wake_one()
+                        await self._drain(work)
                 finally:
-                    self._no_more_work = True
-                    self._work_ready.set()
-                await self._drain(work)
+                    self._outcomes.close()
             outer.cancel_scope.cancel()
         if self._inflight:  # received but cancelled before they started
             with anyio.CancelScope(shield=True):
@@ -293,21 +303,48 @@ class Worker:
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
     async def _consume(self) -> None:
+        # Consumers are woken one at a time, each by the one before it: a consumer that
+        # takes an entry and sees more waiting wakes one idle consumer (unless one is
+        # already waking up). While invocations never pause (quick coroutines), one
+        # consumer runs a whole batch and wakes one other; as soon as they pause (I/O),
+        # every waiting entry gets a consumer of its own.
         queue = self._queue
+        idle = self._idle
+        wake = Wakeup()
         while True:
             if queue:
-                await self._process(queue.popleft())
+                delivery = queue.popleft()
+                if queue and idle and not self._waking:
+                    self._wake_one()
+                await self._process(delivery)
             elif self._no_more_work:
                 return
             else:
-                ready = self._work_ready
-                await ready.wait()
-                if ready is self._work_ready:  # first to wake: re-arm for the next batch
-                    self._work_ready = anyio.Event()
+                idle.append(wake)
+                try:
+                    await wake.sleep()
+                except BaseException:
+                    if wake in idle:  # cancelled asleep, not woken
+                        idle.remove(wake)
+                    raise
+                self._waking -= 1
 
-    async def _finish_batch(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> list[None]:
-        await self.app.broker.finish(outcomes)
-        return [None] * len(outcomes)
+    def _wake_one(self) -> None:
+        self._waking += 1
+        self._idle.pop().set()
+
+    def _settled(self, outcomes: list[Outcome], recorded: bool) -> None:
+        """The outcome writer is done with *outcomes*: free their slots, count them."""
+        inflight = self._inflight
+        stats = self.stats
+        for delivery, record in outcomes:
+            inflight.pop(delivery.receipt, None)
+            if recorded:
+                if record.status is InvocationStatus.SUCCESS:
+                    stats.succeeded += 1
+                else:
+                    stats.failed += 1
+        self._slot_freed.set()
 
     async def _give_back_all(self, deliveries: list[Delivery]) -> None:
         try:
@@ -349,7 +386,8 @@ class Worker:
                 self.stats.received += 1
             if deliveries:
                 self._queue.extend(deliveries)
-                self._work_ready.set()
+                if self._idle and not self._waking:
+                    self._wake_one()
 
     async def _drain(self, work: anyio.abc.TaskGroup) -> None:
         if not self._inflight:
@@ -391,8 +429,9 @@ class Worker:
     # -- one invocation --------------------------------------------------------------
 
     async def _process(self, delivery: Delivery) -> None:
+        handed_over = False
         try:
-            await self._run_delivery(delivery)
+            handed_over = await self._run_delivery(delivery)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._give_back(delivery)
@@ -408,8 +447,9 @@ class Worker:
         except Exception:
             logger.exception("invocation %s: could not record its outcome", delivery.invocation_id)
         finally:
-            self._inflight.pop(delivery.receipt, None)
-            self._slot_freed.set()
+            if not handed_over:  # else the outcome writer frees the slot once written
+                self._inflight.pop(delivery.receipt, None)
+                self._slot_freed.set()
 
     async def _give_back(self, delivery: Delivery) -> None:
         try:
@@ -423,7 +463,8 @@ class Worker:
         except Exception:
             logger.exception("invocation %s: could not hand it back", delivery.invocation_id)
 
-    async def _run_delivery(self, delivery: Delivery) -> None:
+    async def _run_delivery(self, delivery: Delivery) -> bool:
+        """Run one delivery; True if its outcome went to the outcome writer."""
         broker = self.app.broker
         # receive() already marked the invocation RUNNING (attempt + 1) atomically.
         running = delivery.record
@@ -432,14 +473,14 @@ class Worker:
                 "invocation %s has no record; dropping its entry", delivery.invocation_id
             )
             await broker.ack(delivery)
-            return
+            return False
         if running.status.is_final:
             _log_for(running).info(
                 "already %s (duplicate delivery); acknowledging", running.status.value
             )
             self.stats.duplicates += 1
             await broker.ack(delivery)
-            return
+            return False
         if logger.isEnabledFor(logging.DEBUG):
             _log_for(running).debug("attempt %d started", running.attempt)
         task = self.app.get_task(running.call_id.task_id.key)
@@ -474,41 +515,15 @@ class Worker:
             raise
         except _Unreachable as exc:
             await self._postpone(delivery, running, exc.error)
-            return
+            return False
         except _StopRaised as exc:
-            await self._failed(delivery, running, task, exc.original)
-            return
+            return await self._failed(delivery, running, task, exc.original)
         except Exception as exc:
-            await self._failed(delivery, running, task, exc)
-            return
-        await self._record_outcome(delivery, succeeded(running, serialized, time.time()))
-        self.stats.succeeded += 1
+            return await self._failed(delivery, running, task, exc)
+        self._outcomes.post(delivery, succeeded(running, serialized, time.time()))
         if logger.isEnabledFor(logging.INFO):
             _log_for(running).info("succeeded in %.3f s", time.perf_counter() - started)
-
-    async def _persist(self, what: str, write: Callable[[], Awaitable[_T]]) -> _T:
-        """Run a broker write, riding out a broker that is briefly unreachable (a
-        restart, a lock held by another process) for a while before giving up."""
-        try:
-            return await write()  # the usual case: nothing else to set up (hot path)
-        except BrokerUnavailableError as exc:
-            error = exc
-        deadline = time.monotonic() + max(_OUTCOME_PATIENCE, self.visibility_timeout)
-        delay = 0.1
-        while True:
-            if time.monotonic() + delay > deadline:
-                raise error
-            logger.warning("could not %s (%s); trying again in %.1f s", what, error, delay)
-            await anyio.sleep(delay * random.uniform(0.75, 1.25))
-            delay = min(delay * 2, 5.0)
-            try:
-                return await write()
-            except BrokerUnavailableError as exc:
-                error = exc
-
-    async def _record_outcome(self, delivery: Delivery, record: InvocationRecord) -> None:
-        """Record a final outcome and acknowledge the entry (batched with other outcomes)."""
-        await self._persist("record its outcome", lambda: self._finisher.submit((delivery, record)))
+        return True
 
     async def _schedule_retry(
         self,
@@ -527,7 +542,9 @@ class Worker:
             not_before=now + delay,
             updated_at=now,
         )
-        await self._persist(what, lambda: self.app.broker.retry(delivery, retrying, delay))
+        await ride_out(
+            what, lambda: self.app.broker.retry(delivery, retrying, delay), self._patience
+        )
 
     async def _postpone(
         self,
@@ -578,7 +595,8 @@ class Worker:
         record: InvocationRecord,
         task: Task[Any, Any] | None,
         exc: Exception,
-    ) -> None:
+    ) -> bool:
+        """Retry or fail the invocation; True if its outcome went to the outcome writer."""
         info = error_info(self.app.serializer, exc)
         now = time.time()
         retry = (
@@ -598,10 +616,10 @@ class Worker:
                 info.message,
                 delay,
             )
-            return
+            return False
         failed = attrs.evolve(record, status=InvocationStatus.FAILED, error=info, updated_at=now)
-        await self._record_outcome(delivery, failed)
-        self.stats.failed += 1
+        self._outcomes.post(delivery, failed)
         _log_for(record).warning(
             "failed on attempt %d: %s: %s", record.attempt, info.type_name, info.message
         )
+        return True

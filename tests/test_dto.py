@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import os
 import uuid
 from typing import Any
 
@@ -134,9 +136,49 @@ def test_converters_are_independent() -> None:
 
 
 def test_status_finality() -> None:
-    assert InvocationStatus.SUCCESS.is_final
-    assert InvocationStatus.FAILED.is_final
-    assert not InvocationStatus.RETRYING.is_final
+    assert {s for s in InvocationStatus if s.is_final} == {
+        InvocationStatus.SUCCESS,
+        InvocationStatus.FAILED,
+    }
+    assert InvocationStatus("failed").is_final
+    assert not InvocationStatus("running").is_final
+
+
+def test_invocation_ids_are_uuid4_hex_and_unique_across_refills() -> None:
+    ids = [new_invocation_id() for _ in range(3_000)]  # several batches made ahead
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(hex=value)
+        assert (parsed.hex, parsed.version, parsed.variant) == (value, 4, uuid.RFC_4122)
+
+
+def test_invocation_ids_are_unique_across_threads() -> None:
+    def take() -> list[str]:
+        return [new_invocation_id() for _ in range(5_000)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        ids = [i for chunk in pool.map(lambda _: take(), range(8)) for i in chunk]
+    assert len(set(ids)) == len(ids) == 40_000
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_reuse_the_parents_ids_made_ahead() -> None:
+    new_invocation_id()  # the parent now holds ids made ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next ids and leave at once
+        try:
+            os.write(write, "".join(new_invocation_id() for _ in range(10)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        text = pipe.read()
+    os.waitpid(pid, 0)
+    child = {text[i : i + 32] for i in range(0, len(text), 32)}
+    parent = {new_invocation_id() for _ in range(10)}
+    assert len(child) == 10
+    assert not child & parent
 
 
 def _good() -> dict[str, Any]:
