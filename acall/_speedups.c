@@ -1,4 +1,4 @@
-/* Native helpers for acall's JSON encoding.
+/* Native helpers for acall's JSON encoding, and a fast constructor for its records.
  *
  * plain_tree(obj) walks a value and tells whether it is built only of exact dict, list,
  * tuple, str, int, float, bool and None (the values a fast encoder may take without
@@ -21,7 +21,16 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <math.h>
+
+/* The 3.12 names of two structmember.h constants, for 3.11 too. */
+#ifndef Py_T_OBJECT_EX
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#endif
+#ifndef Py_READONLY
+#define Py_READONLY READONLY
+#endif
 
 /* Below this many characters, releasing and retaking the GIL costs more than it frees. */
 #define GIL_RELEASE_MIN 8192
@@ -319,6 +328,119 @@ static PyObject *plain_tree(PyObject *self, PyObject *obj) {
     return PyLong_FromLong(plain_walk(obj, 0));
 }
 
+/* ---------------------------------------------------------------- SlotMaker
+ *
+ * SlotMaker(cls, names) is a callable making instances of a class with __slots__ by
+ * storing its positional arguments straight into the named slots, one per name, in
+ * order: what a frozen attrs __init__ does through object.__setattr__ once per field,
+ * at a fraction of the cost. The names must be distinct writable object slots of cls
+ * (member descriptors of cls or a base); the caller checks that they are all of the
+ * instance's slots (a slot left out would read as unset) and that cls has nothing
+ * else to run at construction.
+ */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    PyTypeObject *cls;
+    Py_ssize_t count;
+    Py_ssize_t *offsets;
+} SlotMaker;
+
+static PyObject *slot_maker_call(PyObject *callable, PyObject *const *args, size_t nargsf,
+                                 PyObject *kwnames) {
+    SlotMaker *self = (SlotMaker *)callable;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames) > 0) {
+        PyErr_Format(PyExc_TypeError, "%s maker takes positional arguments only",
+                     self->cls->tp_name);
+        return NULL;
+    }
+    if (nargs != self->count) {
+        PyErr_Format(PyExc_TypeError, "%s maker takes %zd arguments (%zd given)",
+                     self->cls->tp_name, self->count, nargs);
+        return NULL;
+    }
+    /* Zeroed memory: every slot starts empty, so nothing is overwritten below. */
+    PyObject *obj = self->cls->tp_alloc(self->cls, 0);
+    if (obj == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        *(PyObject **)((char *)obj + self->offsets[i]) = Py_NewRef(args[i]);
+    }
+    return obj;
+}
+
+static PyObject *slot_maker_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    PyObject *cls, *names;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        PyErr_SetString(PyExc_TypeError, "SlotMaker(cls, names) takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "O!O!:SlotMaker", &PyType_Type, &cls, &PyTuple_Type, &names))
+        return NULL;
+    Py_ssize_t count = PyTuple_GET_SIZE(names);
+    SlotMaker *self = (SlotMaker *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    self->vectorcall = slot_maker_call;
+    self->cls = (PyTypeObject *)Py_NewRef(cls);
+    self->count = 0;
+    self->offsets = PyMem_New(Py_ssize_t, count > 0 ? count : 1);
+    if (self->offsets == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *name = PyTuple_GET_ITEM(names, i);
+        if (!PyUnicode_Check(name)) {
+            PyErr_SetString(PyExc_TypeError, "SlotMaker: names must be str");
+            Py_DECREF(self);
+            return NULL;
+        }
+        /* A member descriptor found on the class is returned as itself. */
+        PyObject *descr = PyObject_GetAttr(cls, name);
+        if (descr == NULL) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+                 PyType_IsSubtype((PyTypeObject *)cls, PyDescr_TYPE(descr));
+        PyMemberDef *member = ok ? ((PyMemberDescrObject *)descr)->d_member : NULL;
+        ok = ok && member->type == Py_T_OBJECT_EX && !(member->flags & Py_READONLY);
+        Py_ssize_t offset = ok ? member->offset : 0;
+        Py_DECREF(descr);
+        for (Py_ssize_t j = 0; ok && j < i; j++) ok = self->offsets[j] != offset;
+        if (!ok) {
+            PyErr_Format(PyExc_TypeError, "SlotMaker: %R is not a distinct writable slot of %R",
+                         name, cls);
+            Py_DECREF(self);
+            return NULL;
+        }
+        self->offsets[i] = offset;
+        self->count = i + 1;
+    }
+    return (PyObject *)self;
+}
+
+static void slot_maker_dealloc(PyObject *obj) {
+    SlotMaker *self = (SlotMaker *)obj;
+    Py_XDECREF(self->cls);
+    PyMem_Free(self->offsets);
+    Py_TYPE(obj)->tp_free(obj);
+}
+
+static PyTypeObject SlotMakerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "acall._speedups.SlotMaker",
+    .tp_basicsize = sizeof(SlotMaker),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "SlotMaker(cls, names)\n\nA callable: maker(*values) makes an instance of cls\n"
+              "with each named slot set to the value in the same position.",
+    .tp_new = slot_maker_new,
+    .tp_dealloc = slot_maker_dealloc,
+    .tp_vectorcall_offset = offsetof(SlotMaker, vectorcall),
+    .tp_call = PyVectorcall_Call,
+};
+
 static PyMethodDef methods[] = {
     {"args_text", args_text, METH_O,
      "args_text(serialized_args) -> bytes\n\n"
@@ -337,11 +459,19 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "acall._speedups", "Native helpers for acall's JSON encoding.",
+    PyModuleDef_HEAD_INIT, "acall._speedups",
+    "Native helpers for acall's JSON encoding, and a fast constructor for its records.",
     -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     init_tables();
-    return PyModule_Create(&module);
+    if (PyType_Ready(&SlotMakerType) < 0) return NULL;
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL) return NULL;
+    if (PyModule_AddObjectRef(mod, "SlotMaker", (PyObject *)&SlotMakerType) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
 }

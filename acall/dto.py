@@ -29,7 +29,7 @@ import os
 import reprlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeGuard, TypeVar
+from typing import Any, Final, TypeGuard, TypeVar, cast
 
 import attrs
 import cattrs
@@ -206,11 +206,78 @@ class InvocationRecord:
         return self.call.call_id
 
 
-# The two state changes every invocation goes through. They build the new record in one
-# positional constructor call: attrs.evolve looks every field up by name and costs more
-# than twice as much, on the path every invocation takes twice. tests/test_dto.py checks
-# each against attrs.evolve on a record whose every field is set, so a new field cannot
-# be left out unnoticed.
+def _record_maker() -> Callable[..., InvocationRecord]:
+    """``InvocationRecord(*every_field)`` made by the C extension's ``SlotMaker``, which
+    stores the values straight into the slots: about a tenth of the time of attrs'
+    frozen ``__init__`` (one ``object.__setattr__`` per field), on a path every
+    invocation takes three or four times. The class itself where the extension is
+    missing or the slots are not exactly the fields (another attrs version), or where
+    the two do not make equal records on a probe; tests/test_dto.py checks them equal.
+    """
+    names = tuple(field.name for field in attrs.fields(InvocationRecord))
+    if set(InvocationRecord.__slots__) != {*names, "__weakref__"}:
+        return InvocationRecord  # pragma: no cover - depends on the attrs version
+    try:
+        from acall._speedups import SlotMaker
+
+        maker = SlotMaker(InvocationRecord, names)
+    except (ImportError, TypeError, AttributeError):
+        return InvocationRecord
+    call = CallDTO(CallId(TaskId("probe", "f"), "0" * 64), {"x": "1"})
+    probe = (
+        *("id", call, "q", InvocationStatus.RETRYING, 2, 3, 1.0, 2.0, 3.0, 4.0),
+        *("w", "k", ErrorInfo("E", "m", "s", "t"), "r", RECORD_VERSION),
+    )
+    if len(probe) != len(names) or maker(*probe) != InvocationRecord(*probe):
+        return InvocationRecord  # pragma: no cover - a broken build
+    return cast("Callable[..., InvocationRecord]", maker)
+
+
+#: ``InvocationRecord(*values)``, every field given positionally in declaration order;
+#: faster where the C extension is built (the record every state change makes).
+make_record: Final = _record_maker()
+
+
+# The state changes every invocation goes through. They build the new record in one
+# positional call of make_record: attrs.evolve looks every field up by name and costs
+# more than twice as much as even the attrs constructor, on the path every invocation
+# takes. tests/test_dto.py checks each against attrs.evolve (or the keyword
+# constructor) with every field set, so a new field cannot be left out unnoticed.
+
+
+def submitted(
+    invocation_id: str,
+    call: CallDTO,
+    queue: str,
+    max_retries: int,
+    now: float,
+    not_before: float | None,
+    timeout: float | None,
+    dedup_key: str | None,
+) -> InvocationRecord:
+    """A new PENDING record, created and updated *now*.
+
+    Same as ``InvocationRecord(invocation_id=..., call=..., queue=...,
+    max_retries=..., created_at=now, updated_at=now, not_before=..., timeout=...,
+    dedup_key=...)``.
+    """
+    return make_record(
+        invocation_id,
+        call,
+        queue,
+        InvocationStatus.PENDING,
+        0,
+        max_retries,
+        now,
+        now,
+        not_before,
+        timeout,
+        None,
+        dedup_key,
+        None,
+        None,
+        RECORD_VERSION,
+    )
 
 
 def claimed(record: InvocationRecord, worker_id: str, now: float) -> InvocationRecord:
@@ -220,7 +287,7 @@ def claimed(record: InvocationRecord, worker_id: str, now: float) -> InvocationR
     worker_id=worker_id, updated_at=now)``.
     """
     r = record
-    return InvocationRecord(
+    return make_record(
         r.invocation_id,
         r.call,
         r.queue,
@@ -246,7 +313,7 @@ def succeeded(record: InvocationRecord, result: str, now: float) -> InvocationRe
     updated_at=now)``.
     """
     r = record
-    return InvocationRecord(
+    return make_record(
         r.invocation_id,
         r.call,
         r.queue,

@@ -47,7 +47,13 @@ from acall.brokers import open_broker
 from acall.brokers.base import Broker
 from acall.calls import Call, ConcurrencyMode, PreSerializedCall, TaskSpec
 from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings
-from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
+from acall.dto import (
+    ErrorInfo,
+    InvocationRecord,
+    InvocationStatus,
+    new_invocation_id,
+    submitted,
+)
 from acall.errors import (
     AcallError,
     BrokerUnavailableError,
@@ -802,16 +808,15 @@ class Task(Generic[P, R]):
         opts = self.options
         if delay is not None and delay < 0:
             raise InvalidArgumentsError(f"_delay must be >= 0, got {delay}")
-        return InvocationRecord(
-            invocation_id=new_invocation_id(),
-            call=call.to_dto(),
-            queue=queue or opts.queue,
-            max_retries=opts.retry.retries,
-            created_at=now,
-            updated_at=now,
-            not_before=now + delay if delay else None,
-            timeout=timeout if timeout is not None else opts.timeout,
-            dedup_key=await self._dedup_key(call),
+        return submitted(
+            new_invocation_id(),
+            call.to_dto(),
+            queue or opts.queue,
+            opts.retry.retries,
+            now,
+            now + delay if delay else None,
+            timeout if timeout is not None else opts.timeout,
+            await self._dedup_key(call),
         )
 
     async def _dedup_key(self, call: Call[R]) -> str | None:

@@ -30,7 +30,9 @@ from acall.dto import (
     claimed,
     make_call_dto,
     make_converter,
+    make_record,
     new_invocation_id,
+    submitted,
     succeeded,
 )
 
@@ -94,6 +96,32 @@ def test_state_changes_equal_evolve() -> None:
         error=None,
         updated_at=500.0,
     )
+
+
+def test_submitted_equals_the_keyword_constructor() -> None:
+    made = submitted("id-1", CALL, "q1", 4, 100.0, 300.0, 5.0, "key")
+    assert made == InvocationRecord(
+        invocation_id="id-1",
+        call=CALL,
+        queue="q1",
+        max_retries=4,
+        created_at=100.0,
+        updated_at=100.0,
+        not_before=300.0,
+        timeout=5.0,
+        dedup_key="key",
+    )
+    assert type(made) is InvocationRecord
+
+
+def test_make_record_equals_the_class_field_by_field() -> None:
+    values = attrs.astuple(_every_field_set(), recurse=False)
+    made = make_record(*values)
+    assert type(made) is InvocationRecord
+    assert attrs.astuple(made, recurse=False) == values
+    assert made == InvocationRecord(*values)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        made.status = InvocationStatus.FAILED  # type: ignore[misc]
 
 
 def test_call_dto_json_shape(codec: DTOCodec) -> None:

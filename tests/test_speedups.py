@@ -357,3 +357,61 @@ def test_a_key_that_could_change_the_dict_is_refused_before_it_runs() -> None:
     with pytest.raises(TypeError, match="exact str"):
         args_text(args)
     assert "z" in args  # refused before any of its code ran
+
+
+# ------------------------------------------------------------------------- SlotMaker
+
+
+def test_records_are_made_by_the_slot_maker() -> None:
+    from acall.dto import make_record
+
+    assert isinstance(make_record, _speedups.SlotMaker)
+
+
+def test_slot_maker_fills_the_named_slots_in_order() -> None:
+    class Point:
+        __slots__ = ("__weakref__", "x", "y")
+        x: Any
+        y: Any
+
+    make = _speedups.SlotMaker(Point, ("y", "x"))
+    point = make(1, [2])
+    assert type(point) is Point
+    assert (point.x, point.y) == ([2], 1)
+    before = sys.getrefcount(Point)
+    points = [make(i, i) for i in range(100)]
+    assert sys.getrefcount(Point) == before + 100  # each instance holds its type
+    del points
+    assert sys.getrefcount(Point) == before
+
+
+@pytest.mark.parametrize(
+    ("names", "error"),
+    [
+        (("x", "x"), "distinct writable slot"),
+        (("__weakref__",), "distinct writable slot"),
+        (("missing",), "has no attribute"),
+        ((1,), "names must be str"),
+    ],
+)
+def test_slot_maker_refuses_what_is_not_a_slot(names: tuple[Any, ...], error: str) -> None:
+    class Point:
+        __slots__ = ("__weakref__", "x", "y")
+
+    with pytest.raises((TypeError, AttributeError), match=error):
+        _speedups.SlotMaker(Point, names)
+
+
+def test_slot_maker_refuses_a_wrong_call() -> None:
+    class Point:
+        __slots__ = ("x", "y")
+
+    make = _speedups.SlotMaker(Point, ("x", "y"))
+    with pytest.raises(TypeError, match="takes 2 arguments"):
+        make(1)
+    with pytest.raises(TypeError, match="positional arguments only"):
+        make(1, y=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _speedups.SlotMaker(Point, ["x"])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="distinct writable slot"):
+        _speedups.SlotMaker(int, ("real",))

@@ -28,6 +28,8 @@ from acall.stores import MemoryStore
 assert serializers._escape_range is serializers._stdlib_escape_range
 assert serializers._plain is serializers._plain_by_marshal
 assert hashing._ARGS_TEXT is None
+from acall.dto import InvocationRecord, make_record
+assert make_record is InvocationRecord
 
 vectors = json.load(open(sys.argv[1], encoding="utf-8"))
 for case in vectors["args_id"]:

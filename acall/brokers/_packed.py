@@ -22,7 +22,7 @@ import marshal
 from itertools import chain
 from typing import Final
 
-from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, make_call_dto
+from acall.dto import ErrorInfo, InvocationRecord, InvocationStatus, make_call_dto, make_record
 from acall.ids import TaskId, make_call_id
 
 __all__ = ["PACKED_FIELDS", "RecordPacker"]
@@ -105,7 +105,7 @@ class RecordPacker:
         p = marshal.loads(memoryview(packed)[1:])
         arguments = dict(zip(p[_ARGS_AT::2], p[_ARGS_AT + 1 :: 2], strict=True))
         call = make_call_dto(make_call_id(self._task_ids[p[1]], p[2]), arguments)
-        return InvocationRecord(
+        return make_record(
             p[0],
             call,
             p[3],
