@@ -29,13 +29,14 @@ import os
 import reprlib
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Final, TypeGuard, TypeVar, cast
+from typing import Any, Final, TypeGuard, TypeVar
 
 import attrs
 import cattrs
 from cattrs.errors import BaseValidationError
 from cattrs.gen import make_dict_structure_fn
 
+from acall._slots import slot_constructor
 from acall.errors import AcallError, DTOValidationError
 from acall.hashing import compute_args_id
 from acall.ids import CallId, TaskId
@@ -76,30 +77,16 @@ class CallDTO:
     serialized_arguments: dict[str, str] = attrs.field(factory=dict, converter=_frozen_args)
 
 
-def _call_dto_maker() -> Callable[[CallId, Mapping[str, str]], CallDTO]:
-    """``CallDTO(call_id, serialized_arguments)`` as a function that sets the slots
-    directly (the mapping copied, as the converter copies it); see
-    :func:`acall.ids.make_call_id` for why. The class itself where the slots are not the
-    ones expected. tests/test_dto.py holds the two equal, field by field.
-    """
-    if sorted(CallDTO.__slots__) != ["__weakref__", "call_id", "serialized_arguments"]:
-        return CallDTO  # pragma: no cover - depends on the attrs version
-    slots = CallDTO.__dict__
-    set_call_id = slots["call_id"].__set__
-    set_arguments = slots["serialized_arguments"].__set__
-    new = object.__new__
-
-    def make_call_dto(call_id: CallId, serialized_arguments: Mapping[str, str]) -> CallDTO:
-        dto: CallDTO = new(CallDTO)
-        set_call_id(dto, call_id)
-        set_arguments(dto, dict(serialized_arguments))
-        return dto
-
-    return make_call_dto
+_new_call_dto: Final = slot_constructor(
+    CallDTO, (CallId(TaskId("probe", "f"), "0" * 64), {"x": "1"})
+)
 
 
-#: Same as ``CallDTO(call_id, serialized_arguments)``, faster (made for every call).
-make_call_dto: Final = _call_dto_maker()
+def make_call_dto(call_id: CallId, serialized_arguments: Mapping[str, str]) -> CallDTO:
+    """Same as ``CallDTO(call_id, serialized_arguments)`` (the mapping copied, as the
+    converter copies it), faster where the C extension is built (made for every call);
+    see :mod:`acall._slots`."""
+    return _new_call_dto(call_id, dict(serialized_arguments))
 
 
 class InvocationStatus(enum.StrEnum):
@@ -206,36 +193,16 @@ class InvocationRecord:
         return self.call.call_id
 
 
-def _record_maker() -> Callable[..., InvocationRecord]:
-    """``InvocationRecord(*every_field)`` made by the C extension's ``SlotMaker``, which
-    stores the values straight into the slots: about a tenth of the time of attrs'
-    frozen ``__init__`` (one ``object.__setattr__`` per field), on a path every
-    invocation takes three or four times. The class itself where the extension is
-    missing or the slots are not exactly the fields (another attrs version), or where
-    the two do not make equal records on a probe; tests/test_dto.py checks them equal.
-    """
-    names = tuple(field.name for field in attrs.fields(InvocationRecord))
-    if set(InvocationRecord.__slots__) != {*names, "__weakref__"}:
-        return InvocationRecord  # pragma: no cover - depends on the attrs version
-    try:
-        from acall._speedups import SlotMaker
-
-        maker = SlotMaker(InvocationRecord, names)
-    except (ImportError, TypeError, AttributeError):
-        return InvocationRecord
-    call = CallDTO(CallId(TaskId("probe", "f"), "0" * 64), {"x": "1"})
-    probe = (
-        *("id", call, "q", InvocationStatus.RETRYING, 2, 3, 1.0, 2.0, 3.0, 4.0),
-        *("w", "k", ErrorInfo("E", "m", "s", "t"), "r", RECORD_VERSION),
-    )
-    if len(probe) != len(names) or maker(*probe) != InvocationRecord(*probe):
-        return InvocationRecord  # pragma: no cover - a broken build
-    return cast("Callable[..., InvocationRecord]", maker)
-
-
 #: ``InvocationRecord(*values)``, every field given positionally in declaration order;
 #: faster where the C extension is built (the record every state change makes).
-make_record: Final = _record_maker()
+make_record: Final = slot_constructor(
+    InvocationRecord,
+    (
+        *("id", CallDTO(CallId(TaskId("probe", "f"), "0" * 64), {"x": "1"}), "q"),
+        *(InvocationStatus.RETRYING, 2, 3, 1.0, 2.0, 3.0, 4.0, "w", "k"),
+        *(ErrorInfo("E", "m", "s", "t"), "r", RECORD_VERSION + 1),
+    ),
+)
 
 
 # The state changes every invocation goes through. They build the new record in one

@@ -106,7 +106,9 @@ class InvocationContext:
     worker_id: str
 
 
-_current: contextvars.ContextVar[InvocationContext | None] = contextvars.ContextVar(
+# The running invocation's record, task key and worker id: kept as they are, and made
+# into an InvocationContext only when a task asks (most never do).
+_current: contextvars.ContextVar[tuple[InvocationRecord, str, str] | None] = contextvars.ContextVar(
     "acall_current_invocation", default=None
 )
 
@@ -116,7 +118,13 @@ def current_invocation() -> InvocationContext | None:
 
     Works in coroutine tasks and in plain functions run in the worker's threads.
     """
-    return _current.get()
+    running = _current.get()
+    if running is None:
+        return None
+    record, task_key, worker_id = running
+    return InvocationContext(
+        record.invocation_id, task_key, record.attempt, record.max_retries, worker_id
+    )
 
 
 @attrs.define
@@ -571,11 +579,7 @@ class Worker:
         self, task: Task[Any, Any], record: InvocationRecord, arguments: dict[str, Any]
     ) -> Any:
         timeout = record.timeout
-        _current.set(
-            InvocationContext(
-                record.invocation_id, task.key, record.attempt, record.max_retries, self.worker_id
-            )
-        )
+        _current.set((record, task.key, self.worker_id))
         if task.is_async and timeout is None:
             return await task.invoke(arguments)
         with anyio.move_on_after(timeout) as scope:

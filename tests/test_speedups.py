@@ -362,10 +362,38 @@ def test_a_key_that_could_change_the_dict_is_refused_before_it_runs() -> None:
 # ------------------------------------------------------------------------- SlotMaker
 
 
-def test_records_are_made_by_the_slot_maker() -> None:
-    from acall.dto import make_record
+def test_records_deliveries_and_call_dtos_are_made_by_slot_makers() -> None:
+    from acall.brokers.base import make_delivery
+    from acall.dto import _new_call_dto, make_record
 
-    assert isinstance(make_record, _speedups.SlotMaker)
+    for maker in (make_record, make_delivery, _new_call_dto):
+        assert isinstance(maker, _speedups.SlotMaker)
+
+
+def test_slot_constructor_keeps_the_class_where_a_maker_would_differ() -> None:
+    import attrs
+
+    from acall._slots import slot_constructor
+
+    @attrs.frozen(slots=True)
+    class Plain:
+        a: int
+        b: str = "b"
+
+    @attrs.frozen(slots=True)
+    class Converted:
+        a: int = attrs.field(converter=int)
+
+    @attrs.frozen(slots=True, cache_hash=True)
+    class HiddenSlot:
+        a: int
+
+    made = slot_constructor(Plain, (1, "x"))
+    assert isinstance(made, _speedups.SlotMaker)
+    assert made(2, "y") == Plain(2, "y")
+    assert slot_constructor(Plain, (1,)) is Plain  # a probe value short
+    assert slot_constructor(Converted, ("7",)) is Converted  # "7" would stay a str
+    assert slot_constructor(HiddenSlot, (1,)) is HiddenSlot  # its hash slot is no field
 
 
 def test_slot_maker_fills_the_named_slots_in_order() -> None:

@@ -28,8 +28,9 @@ from acall.stores import MemoryStore
 assert serializers._escape_range is serializers._stdlib_escape_range
 assert serializers._plain is serializers._plain_by_marshal
 assert hashing._ARGS_TEXT is None
-from acall.dto import InvocationRecord, make_record
-assert make_record is InvocationRecord
+from acall.brokers.base import Delivery, make_delivery
+from acall.dto import CallDTO, InvocationRecord, _new_call_dto, make_record
+assert (make_record, make_delivery, _new_call_dto) == (InvocationRecord, Delivery, CallDTO)
 
 vectors = json.load(open(sys.argv[1], encoding="utf-8"))
 for case in vectors["args_id"]:

@@ -25,7 +25,7 @@ from anyio.lowlevel import checkpoint
 
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase, check_name
 from acall.brokers._packed import Packed, RecordPacker
-from acall.brokers.base import Delivery, ScannedRecord
+from acall.brokers.base import Delivery, ScannedRecord, make_delivery
 from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import ConfigurationError
 from acall.stores.base import validate_ttl
@@ -250,7 +250,7 @@ class _MemoryData:
             if record is not None and not record.status.is_final:
                 record = self.records[entry.invocation_id] = claimed(record, consumer, wall_now)
             taken.append(
-                Delivery(
+                make_delivery(
                     entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count, record
                 )
             )

@@ -74,7 +74,7 @@ from acall._redis import (
     url_arguments,
 )
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
-from acall.brokers.base import Delivery, ScannedRecord
+from acall.brokers.base import Delivery, ScannedRecord, make_delivery
 from acall.dto import InvocationRecord, InvocationStatus
 from acall.errors import BrokerError, BrokerUnavailableError
 from acall.stores.base import KEY_PATTERN, validate_ttl
@@ -1084,7 +1084,7 @@ class RedisBroker(BrokerBase):
             flat = reply[0]
             if flat:
                 return [
-                    Delivery(
+                    make_delivery(
                         invocation_id,
                         queue,
                         f"{queue}/{entry}/{count}",

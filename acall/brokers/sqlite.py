@@ -47,7 +47,7 @@ import anyio
 
 from acall._sqlite import IN_CHUNK, SqliteRunner, check_file_settings, chunks, split_url
 from acall.brokers._common import DEFAULT_RECORD_TTL, FINAL_STATUSES, BrokerBase
-from acall.brokers.base import Delivery, ScannedRecord
+from acall.brokers.base import Delivery, ScannedRecord, make_delivery
 from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import BrokerError, BrokerUnavailableError
 from acall.stores.base import store_options, validate_ttl
@@ -331,7 +331,7 @@ class SqliteBroker(BrokerBase):
                 if record is not None and not record.status.is_final:
                     record = claimed(record, consumer, now)
                     changes.append((running.value, self._encode(record), now, invocation_id))
-                deliveries.append(Delivery(invocation_id, queue, receipt, count, record))
+                deliveries.append(make_delivery(invocation_id, queue, receipt, count, record))
             conn.executemany(_SET_RECORD, changes)
             conn.execute("COMMIT")
             return deliveries
