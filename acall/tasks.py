@@ -574,6 +574,9 @@ class InvocationHandle(Generic[R]):
         running (concurrency control) instead of creating a new invocation.
     """
 
+    # (Thousands may be held at once: no per-handle __dict__ for the collector to walk.)
+    __slots__ = ("app", "deduplicated", "invocation_id", "task")
+
     def __init__(
         self,
         app: App,
