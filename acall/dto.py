@@ -398,10 +398,12 @@ def _call_id(key: str) -> CallId:
 
 
 _STATUS_VALUES: Final = {status.value: status for status in InvocationStatus}
-_TEXT_FIELDS: Final = ("worker_id", "dedup_key", "result")  # str or null
-_INT_FIELDS: Final = ("attempt", "max_retries")
-_TIME_FIELDS: Final = ("created_at", "updated_at")  # numbers
-_SECONDS_FIELDS: Final = ("not_before", "timeout")  # numbers or null
+_ABSENT: Final = object()
+
+#: ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` with one encoder
+#: made once: json.dumps makes a new encoder whenever it is given options, a third of
+#: the time of encoding a record (every record written to SQLite or Redis).
+_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
@@ -415,8 +417,12 @@ def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
     ``None`` so that the converter checks it and names each problem. Unknown members
     are ignored, as the converter ignores them.
     """
-    call = data.get("call")
-    invocation_id = data.get("invocation_id")
+    # Straight-line code and one positional make_record call: this runs for every
+    # record read. A field left out takes its default; a field given null where null
+    # is not allowed fails its check.
+    get = data.get
+    call = get("call")
+    invocation_id = get("invocation_id")
     if type(call) is not dict or not _is_text(invocation_id):
         return None
     key = call.get("call_id")
@@ -426,39 +432,35 @@ def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
     for name, text in arguments.items():
         if not (_is_text(name) and _is_text(text)):
             return None
-    fields: dict[str, Any] = {}
-    if "queue" in data:
-        if not _is_text(data["queue"]):
+    queue = get("queue", "default")
+    status = get("status", "pending")
+    status = _STATUS_VALUES.get(status) if type(status) is str else None
+    attempt = get("attempt", 0)
+    max_retries = get("max_retries", 0)
+    version = get("v", RECORD_VERSION)  # (its range is DTOCodec._check_version's)
+    if (
+        not _is_text(queue)
+        or status is None
+        or type(attempt) is not int
+        or type(max_retries) is not int
+        or type(version) is not int
+    ):
+        return None
+    worker_id, dedup_key, result = get("worker_id"), get("dedup_key"), get("result")
+    for text in (worker_id, dedup_key, result):
+        if text is not None and not _is_text(text):
             return None
-        fields["queue"] = data["queue"]
-    if "status" in data:
-        status = _STATUS_VALUES.get(data["status"]) if type(data["status"]) is str else None
-        if status is None:
+    created_at = get("created_at", _ABSENT)
+    updated_at = get("updated_at", _ABSENT)
+    not_before, timeout = get("not_before"), get("timeout")
+    for number in (created_at, updated_at):
+        if number is not _ABSENT and not _is_number(number):
             return None
-        fields["status"] = status
-    for name in _TEXT_FIELDS:
-        if name in data:
-            if data[name] is not None and not _is_text(data[name]):
-                return None
-            fields[name] = data[name]
-    for name in _INT_FIELDS:
-        if name in data:
-            if type(data[name]) is not int:
-                return None
-            fields[name] = data[name]
-    for name in _TIME_FIELDS:
-        if name in data:
-            if not _is_number(data[name]):
-                return None
-            fields[name] = float(data[name])
-    for name in _SECONDS_FIELDS:
-        if name in data:
-            value = data[name]
-            if value is not None and not _is_number(value):
-                return None
-            fields[name] = None if value is None else float(value)
-    if "error" in data and data["error"] is not None:
-        error = data["error"]
+    for number in (not_before, timeout):
+        if number is not None and not _is_number(number):
+            return None
+    error = get("error")
+    if error is not None:
         if type(error) is not dict:
             return None
         type_name, message = error.get("type_name"), error.get("message")
@@ -467,16 +469,28 @@ def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
             return None
         if not all(v is None or _is_text(v) for v in (serialized, traceback)):
             return None
-        fields["error"] = ErrorInfo(type_name, message, serialized, traceback)
-    if "v" in data:
-        if type(data["v"]) is not int:  # (its range is DTOCodec._check_version's)
-            return None
-        fields["v"] = data["v"]
+        error = ErrorInfo(type_name, message, serialized, traceback)
     try:
         call_id = _call_id(key)
     except AcallError:
         return None
-    return InvocationRecord(invocation_id, make_call_dto(call_id, arguments), **fields)
+    return make_record(
+        invocation_id,
+        make_call_dto(call_id, arguments),
+        queue,
+        status,
+        attempt,
+        max_retries,
+        time.time() if created_at is _ABSENT else float(created_at),
+        time.time() if updated_at is _ABSENT else float(updated_at),
+        None if not_before is None else float(not_before),
+        None if timeout is None else float(timeout),
+        worker_id,
+        dedup_key,
+        error,
+        result,
+        version,
+    )
 
 
 def _object_structure_factory(cls: type, conv: cattrs.Converter) -> Callable[[Any, type], Any]:
@@ -561,7 +575,7 @@ class DTOCodec:
 
     def to_json(self, obj: Any) -> str:
         """Encode a DTO as compact JSON text."""
-        return json.dumps(self.to_dict(obj), separators=(",", ":"), ensure_ascii=False)
+        return _encode_compact(self.to_dict(obj))
 
     def from_dict(self, data: Any, cls: type[T]) -> T:
         """Structure and validate a plain dict as *cls*.
