@@ -518,4 +518,22 @@ def machine_facts() -> dict[str, str]:
     if hasattr(os, "getloadavg"):
         # Other work on the machine shows up here; near 0 is what the figures assume.
         facts["load average"] = " ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min)"
+    facts["python speed"] = python_speed()
     return facts
+
+
+def python_speed(rounds: int = 5, n: int = 2_000_000) -> str:
+    """How fast this machine runs plain Python now: the best of *rounds* timings of a
+    fixed loop, as ns per iteration.
+
+    The absolute figures (tasks/s) depend on it, the ratios to the anchors much less:
+    runs on different days, or machines, compare through this line.
+    """
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - start)
+    return f"{best / n * 1e9:.1f} ns per iteration of a plain loop (best of {rounds})"
