@@ -759,8 +759,16 @@ class Task(Generic[P, R]):
         """
         call = self.call(*args, **kwargs)
         await call.serialize()
-        record = await self._record(call, _queue, _delay, _timeout)
-        stored = await self.app.enqueue(record)
+        # (No helper coroutines on this path, which every submission takes: the dedup
+        # key is awaited only where concurrency control needs one, and the record goes
+        # straight to the app's batching submitter, as App.enqueue sends it.)
+        dedup_key = (
+            None
+            if self.options.concurrency is ConcurrencyMode.DISABLED
+            else await self._dedup_key(call)
+        )
+        record = self._record(call, _queue, _delay, _timeout, dedup_key)
+        stored = await self.app._submitter.submit(record)
         return InvocationHandle(
             self.app,
             stored.invocation_id,
@@ -790,7 +798,8 @@ class Task(Generic[P, R]):
             records = []
             for call in calls[start : start + _SUBMIT_BATCH]:
                 await call.serialize()
-                records.append(await self._record(call, _queue, _delay, _timeout))
+                dedup_key = await self._dedup_key(call)
+                records.append(self._record(call, _queue, _delay, _timeout, dedup_key))
             stored = await self.app.broker.submit_many(records)
             handles.extend(
                 InvocationHandle(
@@ -800,12 +809,13 @@ class Task(Generic[P, R]):
             )
         return handles
 
-    async def _record(
+    def _record(
         self,
         call: Call[R],
         queue: str | None,
         delay: float | None,
         timeout: float | None,
+        dedup_key: str | None,
     ) -> InvocationRecord:
         now = time.time()
         opts = self.options
@@ -819,7 +829,7 @@ class Task(Generic[P, R]):
             now,
             now + delay if delay else None,
             timeout if timeout is not None else opts.timeout,
-            await self._dedup_key(call),
+            dedup_key,
         )
 
     async def _dedup_key(self, call: Call[R]) -> str | None:
