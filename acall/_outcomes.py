@@ -73,7 +73,8 @@ class OutcomeWriter:
         unreachable (see :func:`ride_out`).
     :param done: called with each batch once it is settled, and whether it was
         recorded: the worker frees the batch's slots and counts it there. Not recorded
-        means the entries stay unacknowledged, to be delivered again.
+        means the entries stay unacknowledged, to be delivered again once their
+        visibility timeout passes. A batch whose write is cancelled is not settled.
     """
 
     def __init__(
@@ -92,7 +93,7 @@ class OutcomeWriter:
 
     @property
     def pending(self) -> int:
-        """Outcomes posted and not written yet (the batch being written not included)."""
+        """Outcomes posted and not settled yet (the batch being written not included)."""
         return len(self._posted)
 
     def post(self, delivery: Delivery, record: InvocationRecord) -> None:
@@ -121,7 +122,11 @@ class OutcomeWriter:
             try:
                 await ride_out("record outcomes", functools.partial(finish, batch), self._patience)
             except anyio.get_cancelled_exc_class():
-                self._done(batch, False)
+                # Cancelled with the worker: the batch stays posted, not settled, so the
+                # worker still holds its entries and hands them back to the broker at
+                # once (a stale receipt, should the write have gone through, changes
+                # nothing) instead of leaving them until their visibility timeout.
+                posted[:0] = batch
                 raise
             except AcallError as exc:
                 # The broker stayed unreachable: the entries stay unacknowledged and

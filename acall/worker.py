@@ -332,8 +332,10 @@ class Worker:
                 try:
                     await wake.sleep()
                 except BaseException:
-                    if wake in idle:  # cancelled asleep, not woken
+                    if wake in idle:  # cancelled asleep
                         idle.remove(wake)
+                    else:  # woken, then cancelled before it ran
+                        self._waking -= 1
                     raise
                 self._waking -= 1
 

@@ -24,12 +24,15 @@ class FlakyBroker(MemoryBroker):
 
     def __init__(self) -> None:
         super().__init__()
+        self.hold: anyio.Event | None = None  # set: finish waits for it
         self.fail = 0
         self.error: Exception = BrokerUnavailableError("down for a moment")
         self.batches: list[int] = []
 
     async def _finish(self, outcomes: list[tuple[Delivery, InvocationRecord]]) -> None:
         self.batches.append(len(outcomes))
+        if self.hold is not None:
+            await self.hold.wait()
         if self.fail:
             self.fail -= 1
             raise self.error
@@ -105,3 +108,22 @@ async def test_an_outcome_that_cannot_be_recorded_is_delivered_again(error: Exce
         await anyio.sleep(0.4)  # the visibility timeout passes: the entries come back
         again = await broker.receive(["default"], 2, consumer="w2", visibility_timeout=1, wait=0)
         assert sorted(d.invocation_id for d in again) == sorted(d.invocation_id for d in deliveries)
+
+
+async def test_a_write_cancelled_with_the_worker_leaves_its_batch_unsettled() -> None:
+    async with FlakyBroker() as broker:
+        deliveries = await _received(broker, 4)
+        broker.hold = anyio.Event()
+        settled: list[bool] = []
+        writer = OutcomeWriter(broker, patience=5.0, done=lambda batch, ok: settled.append(ok))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer.run)
+            for delivery in deliveries:
+                writer.post(*_outcome(delivery))
+            while not broker.batches:  # the write has started, and waits
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert settled == []
+        assert writer.pending == 4  # still the worker's to hand back
+        records = await broker.get_many([d.invocation_id for d in deliveries])
+        assert all(r is not None and r.status is InvocationStatus.RUNNING for r in records)
