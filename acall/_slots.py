@@ -13,7 +13,7 @@ the extension is not built, the class itself, which takes the same positional va
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import attrs
@@ -23,22 +23,34 @@ __all__ = ["slot_constructor"]
 T = TypeVar("T", bound=attrs.AttrsInstance)
 
 
-def slot_constructor(cls: type[T], probe: Sequence[Any]) -> Callable[..., T]:
+def slot_constructor(
+    cls: type[T], probe: Sequence[Any], hidden: Mapping[str, Any] | None = None
+) -> Callable[..., T]:
     """``cls(*values)`` (every field, positionally, in declaration order), made fast.
 
     :param probe: one value per field, each different from its default, used to check
         that the fast constructor and the class make equal instances.
+    :param hidden: slots that are not fields, with the value each starts with (attrs'
+        ``_attrs_cached_hash`` slot starts as ``None``).
     """
     names = tuple(field.name for field in attrs.fields(cls))
+    extra = dict(hidden or {})
     slots = set(getattr(cls, "__slots__", ())) - {"__weakref__"}
-    if slots != set(names) or len(probe) != len(names):
+    if slots != {*names, *extra} or len(probe) != len(names):
         return cls  # another attrs version lays the class out differently
     try:
         from acall._speedups import SlotMaker
 
-        maker = SlotMaker(cls, names)
+        fill = SlotMaker(cls, (*names, *extra))
     except (ImportError, TypeError, AttributeError):
         return cls
+    maker: Callable[..., Any] = fill
+    if extra:
+        constants = tuple(extra.values())
+
+        def maker(*values: Any) -> Any:
+            return fill(*values, *constants)
+
     made, expected = maker(*probe), cls(*probe)
     if type(made) is not cls or attrs.astuple(made, recurse=False) != tuple(probe):
         return cls  # pragma: no cover - a broken build

@@ -11,11 +11,11 @@ The key formats are part of the wire format (see ``docs/wire-format.md``):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Final
 
 import attrs
 
+from acall._slots import slot_constructor
 from acall.errors import InvalidKeyError, short_repr
 
 __all__ = ["NO_ARGS", "CallId", "TaskId", "is_valid_args_id", "make_call_id"]
@@ -125,32 +125,8 @@ class CallId:
         return self.key
 
 
-def _call_id_maker() -> Callable[[TaskId, str], CallId]:
-    """``CallId(task_id, args_id)`` as a function that sets the slots directly.
-
-    attrs' frozen ``__init__`` goes through ``object.__setattr__`` once per slot; setting
-    them through their descriptors takes a third less time, and a call id is made for
-    every call. Where the slots are not the ones expected (another attrs version), the
-    class itself is returned: the same objects, made the usual way. tests/test_ids.py
-    holds the two equal, field by field.
-    """
-    if sorted(CallId.__slots__) != ["__weakref__", "_attrs_cached_hash", "args_id", "task_id"]:
-        return CallId  # pragma: no cover - depends on the attrs version
-    slots = CallId.__dict__
-    set_task_id = slots["task_id"].__set__
-    set_args_id = slots["args_id"].__set__
-    set_cached_hash = slots["_attrs_cached_hash"].__set__
-    new = object.__new__
-
-    def make_call_id(task_id: TaskId, args_id: str) -> CallId:
-        call_id: CallId = new(CallId)
-        set_task_id(call_id, task_id)
-        set_args_id(call_id, args_id)
-        set_cached_hash(call_id, None)
-        return call_id
-
-    return make_call_id
-
-
-#: Same as ``CallId(task_id, args_id)``, faster (the hot path of every call).
-make_call_id: Final = _call_id_maker()
+#: Same as ``CallId(task_id, args_id)``, faster where the C extension is built (the hot
+#: path of every call); see :mod:`acall._slots`.
+make_call_id: Final = slot_constructor(
+    CallId, (TaskId("probe", "f"), "0" * 64), hidden={"_attrs_cached_hash": None}
+)

@@ -1,4 +1,5 @@
-"""Shared test helpers: real stores that also count the calls they receive."""
+"""Shared test helpers: real stores that also count the calls they receive, and an
+invocation record with every field set."""
 
 from __future__ import annotations
 
@@ -6,8 +7,50 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import attrs
+
+from acall.dto import (
+    RECORD_VERSION,
+    CallDTO,
+    ErrorInfo,
+    InvocationRecord,
+    InvocationStatus,
+    new_invocation_id,
+)
 from acall.serializers import JsonSerializer
 from acall.stores.memory import MemoryStore
+
+
+def record_with_every_field(call: CallDTO, **changes: Any) -> InvocationRecord:
+    """A record of *call* whose every field differs from its default, then *changes*.
+
+    The check below lists each field, so a field added to the record later without a
+    value here fails every test that uses this.
+    """
+    values: dict[str, Any] = {
+        "invocation_id": new_invocation_id(),
+        "call": call,
+        "queue": "q1",
+        "status": InvocationStatus.RETRYING,
+        "attempt": 2,
+        "max_retries": 4,
+        "created_at": 100.0,
+        "updated_at": 200.0,
+        "not_before": 300.0,
+        "timeout": 5.0,
+        "worker_id": "w-old",
+        "dedup_key": "key",
+        "error": ErrorInfo("ValueError", "bad", '{"e": 1}', "Traceback ..."),
+        "result": '"stale"',
+        "v": RECORD_VERSION + 1,
+    }
+    assert set(values) == {a.name for a in attrs.fields(InvocationRecord)}
+    record = InvocationRecord(**values)
+    defaults = InvocationRecord(invocation_id="x", call=call)
+    for a in attrs.fields(InvocationRecord):
+        if a.name not in ("invocation_id", "call"):
+            assert getattr(record, a.name) != getattr(defaults, a.name), a.name
+    return attrs.evolve(record, **changes)
 
 
 class CountingStore(MemoryStore):

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 import pytest
+from helpers import record_with_every_field
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,32 +54,7 @@ def _record(**changes: Any) -> InvocationRecord:
 
 
 def _every_field_set() -> InvocationRecord:
-    """A record whose every field differs from its default (the check below lists each
-    field, so a field added later without a value here fails it)."""
-    values: dict[str, Any] = {
-        "invocation_id": new_invocation_id(),
-        "call": CALL,
-        "queue": "q1",
-        "status": InvocationStatus.RETRYING,
-        "attempt": 2,
-        "max_retries": 4,
-        "created_at": 100.0,
-        "updated_at": 200.0,
-        "not_before": 300.0,
-        "timeout": 5.0,
-        "worker_id": "w-old",
-        "dedup_key": "key",
-        "error": ErrorInfo("ValueError", "bad"),
-        "result": '"stale"',
-        "v": RECORD_VERSION + 1,
-    }
-    assert set(values) == {a.name for a in attrs.fields(InvocationRecord)}
-    record = InvocationRecord(**values)
-    defaults = InvocationRecord(invocation_id="x", call=CALL)
-    for a in attrs.fields(InvocationRecord):
-        if a.name not in ("invocation_id", "call"):
-            assert getattr(record, a.name) != getattr(defaults, a.name), a.name
-    return record
+    return record_with_every_field(CALL)
 
 
 def test_state_changes_equal_evolve() -> None:

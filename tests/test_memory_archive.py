@@ -14,11 +14,12 @@ from typing import Any
 import anyio
 import attrs
 import pytest
+from helpers import record_with_every_field
 
 from acall.brokers import memory
 from acall.brokers._packed import PACKED_FIELDS, RecordPacker
 from acall.brokers.memory import MemoryBroker
-from acall.dto import CallDTO, ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
+from acall.dto import CallDTO, InvocationRecord, InvocationStatus, new_invocation_id
 from acall.hashing import compute_args_id
 from acall.ids import CallId, TaskId
 
@@ -35,23 +36,7 @@ def _record(**changes: Any) -> InvocationRecord:
 
 def _full_record() -> InvocationRecord:
     """A record with every field set to something other than its default."""
-    return InvocationRecord(
-        invocation_id=new_invocation_id(),
-        call=OTHER,
-        queue="q.1",
-        status=FAILED,
-        attempt=3,
-        max_retries=5,
-        created_at=1.5,
-        updated_at=2.25,
-        not_before=3.0,
-        timeout=4.5,
-        worker_id="w-1",
-        dedup_key="k:1",
-        error=ErrorInfo("ValueError", "bad", '{"e": 1}', "Traceback ..."),
-        result='"r"',
-        v=7,
-    )
+    return record_with_every_field(OTHER, status=FAILED)
 
 
 def test_the_packed_fields_are_the_records_fields() -> None:

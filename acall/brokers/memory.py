@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -58,6 +58,10 @@ class _Entry:
         self.receipt: str | None = None
         self.delivery_count = 0
         self.version = 0
+
+
+# A heap item: (seq or visible-at time, entry version, invocation id).
+_Item = TypeVar("_Item", bound=tuple[float, int, str])
 
 
 class _Queue:
@@ -120,9 +124,6 @@ class _MemoryData:
             if packed is not None:
                 return self.packer.unpack(packed)
         return record
-
-    def knows(self, invocation_id: str) -> bool:
-        return invocation_id in self.records or invocation_id in self.archive
 
     def put(self, invocation_id: str, record: InvocationRecord) -> None:
         """Store *record* as the current one (over an archived one too)."""
@@ -204,12 +205,17 @@ class _MemoryData:
         # visibility timeout): at thousands of tasks a second, hundreds of thousands of
         # items. Once stale ones clearly outnumber the live, the heap is rebuilt without
         # them (amortized constant time per removal).
-        if len(queue.waiting) > 2 * queue.size + _COMPACT_SLACK:
-            queue.waiting = [i for i in queue.waiting if self.current(i[2], i[1]) is not None]
-            heapq.heapify(queue.waiting)
-        if len(queue.ready) > 2 * queue.size + _COMPACT_SLACK:
-            queue.ready = [i for i in queue.ready if self.current(i[2], i[1]) is not None]
-            heapq.heapify(queue.ready)
+        limit = 2 * queue.size + _COMPACT_SLACK
+        if len(queue.waiting) > limit:
+            queue.waiting = self._live_items(queue.waiting)
+        if len(queue.ready) > limit:
+            queue.ready = self._live_items(queue.ready)
+
+    def _live_items(self, heap: list[_Item]) -> list[_Item]:
+        """*heap* without its stale items, as a heap again."""
+        live = [item for item in heap if self.current(item[2], item[1]) is not None]
+        heapq.heapify(live)
+        return live
 
     def holding(self, invocation_id: str, receipt: str) -> _Entry | None:
         entry = self.entries.get(invocation_id)
@@ -256,11 +262,16 @@ class _MemoryData:
             )
         return taken
 
-    def store_final(self, record: InvocationRecord, now: float, record_ttl: float | None) -> None:
-        """Store a final *record* over a known one: release its key, notify watchers."""
+    def store_final(
+        self,
+        record: InvocationRecord,
+        previous: InvocationRecord,
+        now: float,
+        record_ttl: float | None,
+    ) -> None:
+        """Store a final *record* over the *previous* one (the stored record, which the
+        caller has read already): release its key, notify watchers."""
         invocation_id = record.invocation_id
-        previous = self.record(invocation_id)
-        assert previous is not None
         self.put(invocation_id, record)
         self.to_archive.append((now, invocation_id))
         self.finished.pop(invocation_id, None)
@@ -420,10 +431,11 @@ class MemoryBroker(BrokerBase):
         now = time.monotonic()
         data.purge(now)
         invocation_id = record.invocation_id
-        if not data.knows(invocation_id):
+        previous = data.record(invocation_id)
+        if previous is None:
             return False
         if record.status.is_final:
-            data.store_final(record, now, self.record_ttl)
+            data.store_final(record, previous, now, self.record_ttl)
         else:
             data.put(invocation_id, record)
             data.finished.pop(invocation_id, None)
@@ -475,7 +487,7 @@ class MemoryBroker(BrokerBase):
         for delivery, record in outcomes:
             stored = data.record(record.invocation_id)
             if stored is not None and not stored.status.is_final:
-                data.store_final(record, now, self.record_ttl)
+                data.store_final(record, stored, now, self.record_ttl)
             entry = data.holding(delivery.invocation_id, delivery.receipt)
             if entry is not None:
                 data.remove(entry)
