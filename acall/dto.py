@@ -34,7 +34,7 @@ from typing import Any, Final, TypeGuard, TypeVar
 import attrs
 import cattrs
 from cattrs.errors import BaseValidationError
-from cattrs.gen import make_dict_structure_fn
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
 from acall._slots import slot_constructor
 from acall.errors import AcallError, DTOValidationError
@@ -511,6 +511,26 @@ def _object_structure_factory(cls: type, conv: cattrs.Converter) -> Callable[[An
     return structure
 
 
+#: The members a record's JSON text starts with, in this order: the ones a worker's claim
+#: changes. A Redis script then reads and rewrites them with one anchored pattern, certain
+#: they are top-level members, instead of walking the document (``brokers/redis.py``).
+RECORD_HEAD: Final = ("status", "attempt", "worker_id", "updated_at")
+
+
+def _record_unstructurer(
+    fields: Callable[[InvocationRecord], dict[str, Any]],
+) -> Callable[[InvocationRecord], dict[str, Any]]:
+    """An InvocationRecord unstructure hook: *fields* (cattrs' own), :data:`RECORD_HEAD` first."""
+
+    def unstructure(record: InvocationRecord) -> dict[str, Any]:
+        data = fields(record)
+        head = {name: data.pop(name) for name in RECORD_HEAD}
+        head.update(data)
+        return head
+
+    return unstructure
+
+
 def make_converter() -> cattrs.Converter:
     """Build a converter for acall's DTOs (a new one each call; nothing global).
 
@@ -522,6 +542,9 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(TaskId, _structure_task_id)
     conv.register_unstructure_hook(CallId, lambda c: c.key)
     conv.register_unstructure_hook(InvocationStatus, lambda s: s.value)
+    conv.register_unstructure_hook(
+        InvocationRecord, _record_unstructurer(make_dict_unstructure_fn(InvocationRecord, conv))
+    )
     conv.register_structure_hook_factory(attrs.has, _object_structure_factory)
     conv.register_structure_hook(CallId, _structure_call_id)
     conv.register_structure_hook(str, _structure_str)

@@ -32,7 +32,14 @@ from acall.brokers import (
     SqliteBroker,
     open_broker,
 )
-from acall.dto import CallDTO, ErrorInfo, InvocationRecord, InvocationStatus, new_invocation_id
+from acall.dto import (
+    RECORD_HEAD,
+    CallDTO,
+    ErrorInfo,
+    InvocationRecord,
+    InvocationStatus,
+    new_invocation_id,
+)
 from acall.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -1407,7 +1414,11 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
         nested = _record(call=nested_call)
         pretty = _record()
         reordered = _record(attempt=2, status=InvocationStatus.RETRYING)
-        await broker.submit_many([nested, pretty, reordered])
+        # Compact, in the classes' field order: records written before the claimed
+        # members came first (found by search; with nested names, by walking).
+        older = _record(attempt=1)
+        older_nested = _record(call=nested_call)
+        await broker.submit_many([nested, pretty, reordered, older, older_nested])
 
         def put(record: InvocationRecord, text: str) -> None:
             key = f"acall:b:inv:{record.invocation_id}"
@@ -1417,9 +1428,15 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
         put(pretty, json.dumps(as_dict, indent=2))  # whitespace everywhere
         as_dict = json.loads(broker._encode(reordered))  # type: ignore[attr-defined]
         put(reordered, json.dumps(dict(reversed(list(as_dict.items())))))  # members reversed
+        for record in (older, older_nested):
+            as_dict = json.loads(broker._encode(record))  # type: ignore[attr-defined]
+            assert list(as_dict)[: len(RECORD_HEAD)] == list(RECORD_HEAD)
+            in_field_order = {f.name: as_dict[f.name] for f in attrs.fields(InvocationRecord)}
+            put(record, json.dumps(in_field_order, separators=(",", ":")))
+        everyone = (nested, pretty, reordered, older, older_nested)
         first = {d.invocation_id: d for d in await _receive(broker, consumer="c1")}
-        assert set(first) == {nested.invocation_id, pretty.invocation_id, reordered.invocation_id}
-        for original in (nested, pretty, reordered):
+        assert set(first) == {record.invocation_id for record in everyone}
+        for original in everyone:
             claimed = first[original.invocation_id].record
             assert claimed is not None
             assert claimed.status is InvocationStatus.RUNNING
@@ -1441,6 +1458,19 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
         assert reclaimed.attempt == 2
         assert reclaimed.worker_id == "c1"
         assert reclaimed.call == nested.call
+        # A worker name with escapes in its JSON text: the next claim of that record
+        # reads it the slow way, and every claim still gives the record Python would.
+        odd = 'c"2\\'
+        for consumer, attempt in ((odd, 2), ("c1", 3)):
+            await broker.release([d for d in again if d.invocation_id == nested.invocation_id])
+            again = await _receive(broker, consumer=consumer)
+            assert [d.invocation_id for d in again] == [nested.invocation_id]
+            reclaimed = again[0].record
+            assert reclaimed is not None
+            assert (reclaimed.status, reclaimed.attempt) == (InvocationStatus.RUNNING, attempt + 1)
+            assert reclaimed.worker_id == consumer
+            assert reclaimed.call == nested.call
+            assert await broker.get(nested.invocation_id) == reclaimed
 
 
 async def test_redis_missing_and_damaged_records_are_delivered_as_none(

@@ -29,6 +29,7 @@ from acall import (
     compute_args_id,
 )
 from acall.dto import (
+    RECORD_HEAD,
     RECORD_VERSION,
     claimed,
     make_call_dto,
@@ -55,6 +56,20 @@ def _record(**changes: Any) -> InvocationRecord:
 
 def _every_field_set() -> InvocationRecord:
     return record_with_every_field(CALL)
+
+
+def test_record_json_starts_with_the_claimed_members(codec: DTOCodec) -> None:
+    """A record's JSON text opens with RECORD_HEAD, in order (a Redis script rewrites
+    them there), then every other field; it reads back as the same record."""
+    for record in (_record(), _every_field_set()):
+        text = codec.to_json(record)
+        members = list(json.loads(text))
+        assert members[: len(RECORD_HEAD)] == list(RECORD_HEAD)
+        assert sorted(members) == sorted(f.name for f in attrs.fields(InvocationRecord))
+        assert text.startswith('{"status":"')
+    plain = _record(status=InvocationStatus.RUNNING, attempt=3, worker_id="w")
+    assert codec.from_json(codec.to_json(plain), InvocationRecord) == plain
+    assert set(RECORD_HEAD) == {"status", "attempt", "worker_id", "updated_at"}
 
 
 def test_state_changes_equal_evolve() -> None:
