@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import functools
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 from acall._slots import slot_constructor
 from acall.errors import AcallError, DTOValidationError
 from acall.hashing import compute_args_id
-from acall.ids import CallId, TaskId
+from acall.ids import CallId, TaskId, is_valid_args_id, make_call_id
 
 __all__ = [
     "RECORD_VERSION",
@@ -392,9 +391,25 @@ def _is_number(value: Any) -> bool:
     return type(value) is int and abs(value) < 2**1023
 
 
-@functools.lru_cache(maxsize=4096)
+#: Task ids met in call keys read, by task key (a record is read for every delivery and
+#: every result; a process serves a bounded set of tasks, and the cache is cleared if
+#: it ever grows large).
+_task_ids: dict[str, TaskId] = {}
+_TASK_IDS_MAX: Final = 4096
+
+
 def _call_id(key: str) -> CallId:
-    return CallId.from_key(key)
+    """``CallId.from_key(key)``, parsing each task key once (a cache of whole call keys
+    would miss whenever calls differ, as they mostly do)."""
+    task_key, _, args_id = key.rpartition(":")
+    task_id = _task_ids.get(task_key)
+    if task_id is None or not is_valid_args_id(args_id):
+        call_id = CallId.from_key(key)  # validates, or raises the error that says why
+        if len(_task_ids) >= _TASK_IDS_MAX:
+            _task_ids.clear()
+        _task_ids[task_key] = call_id.task_id
+        return call_id
+    return make_call_id(task_id, args_id)
 
 
 _STATUS_VALUES: Final = {status.value: status for status in InvocationStatus}
@@ -518,15 +533,38 @@ RECORD_HEAD: Final = ("status", "attempt", "worker_id", "updated_at")
 
 
 def _record_unstructurer(
-    fields: Callable[[InvocationRecord], dict[str, Any]],
+    unstructure_error: Callable[[ErrorInfo], Any],
 ) -> Callable[[InvocationRecord], dict[str, Any]]:
-    """An InvocationRecord unstructure hook: *fields* (cattrs' own), :data:`RECORD_HEAD` first."""
+    """An InvocationRecord unstructure hook: :data:`RECORD_HEAD` first, then the other
+    fields in the class's order (``tests`` check it against cattrs' own output).
 
-    def unstructure(record: InvocationRecord) -> dict[str, Any]:
-        data = fields(record)
-        head = {name: data.pop(name) for name in RECORD_HEAD}
-        head.update(data)
-        return head
+    Written out rather than cattrs' generated function reordered: every record written
+    to SQLite or Redis comes through here.
+    """
+
+    def unstructure(r: InvocationRecord) -> dict[str, Any]:
+        error = r.error
+        call = r.call
+        return {
+            "status": r.status.value,
+            "attempt": r.attempt,
+            "worker_id": r.worker_id,
+            "updated_at": r.updated_at,
+            "invocation_id": r.invocation_id,
+            "call": {
+                "call_id": call.call_id.key,
+                "serialized_arguments": dict(call.serialized_arguments),
+            },
+            "queue": r.queue,
+            "max_retries": r.max_retries,
+            "created_at": r.created_at,
+            "not_before": r.not_before,
+            "timeout": r.timeout,
+            "dedup_key": r.dedup_key,
+            "error": None if error is None else unstructure_error(error),
+            "result": r.result,
+            "v": r.v,
+        }
 
     return unstructure
 
@@ -543,7 +581,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_unstructure_hook(CallId, lambda c: c.key)
     conv.register_unstructure_hook(InvocationStatus, lambda s: s.value)
     conv.register_unstructure_hook(
-        InvocationRecord, _record_unstructurer(make_dict_unstructure_fn(InvocationRecord, conv))
+        InvocationRecord, _record_unstructurer(make_dict_unstructure_fn(ErrorInfo, conv))
     )
     conv.register_structure_hook_factory(attrs.has, _object_structure_factory)
     conv.register_structure_hook(CallId, _structure_call_id)

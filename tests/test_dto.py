@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 import attrs
+import cattrs.gen
 import pytest
 from helpers import record_with_every_field
 from hypothesis import given
@@ -67,9 +68,29 @@ def test_record_json_starts_with_the_claimed_members(codec: DTOCodec) -> None:
         assert members[: len(RECORD_HEAD)] == list(RECORD_HEAD)
         assert sorted(members) == sorted(f.name for f in attrs.fields(InvocationRecord))
         assert text.startswith('{"status":"')
+    # The hand-written hook gives what cattrs' generated one would, members reordered.
+    generated = cattrs.gen.make_dict_unstructure_fn(InvocationRecord, make_converter())
+    for record in (_record(), _every_field_set()):
+        assert codec.to_dict(record) == generated(record)
     plain = _record(status=InvocationStatus.RUNNING, attempt=3, worker_id="w")
     assert codec.from_json(codec.to_json(plain), InvocationRecord) == plain
     assert set(RECORD_HEAD) == {"status", "attempt", "worker_id", "updated_at"}
+
+
+def test_call_keys_read_with_a_known_task_are_still_checked(codec: DTOCodec) -> None:
+    """Reading call keys parses each task key once; a bad args_id, or a bad task key,
+    is still rejected with the reason, whatever was read before."""
+    good = json.loads(codec.to_json(_record()))
+    assert codec.from_dict(good, InvocationRecord).call_id == CALL.call_id  # task now known
+    for bad_key in (
+        "app.tasks.work:" + "AB" * 32,
+        "app.tasks.work:",
+        "app.tasks.work",
+        "apptasks:" + "ab" * 32,
+    ):
+        doc = {**good, "call": {**good["call"], "call_id": bad_key}}
+        with pytest.raises(DTOValidationError, match="call"):
+            codec.from_dict(doc, InvocationRecord)
 
 
 def test_state_changes_equal_evolve() -> None:
