@@ -24,7 +24,10 @@ T = TypeVar("T", bound=attrs.AttrsInstance)
 
 
 def slot_constructor(
-    cls: type[T], probe: Sequence[Any], hidden: Mapping[str, Any] | None = None
+    cls: type[T],
+    probe: Sequence[Any],
+    hidden: Mapping[str, Any] | None = None,
+    acyclic: tuple[type, ...] | None = None,
 ) -> Callable[..., T]:
     """``cls(*values)`` (every field, positionally, in declaration order), made fast.
 
@@ -32,6 +35,11 @@ def slot_constructor(
         that the fast constructor and the class make equal instances.
     :param hidden: slots that are not fields, with the value each starts with (attrs'
         ``_attrs_cached_hash`` slot starts as ``None``).
+    :param acyclic: untrack the instances that hold nothing but untracked values
+        (strings, numbers, ``None``, instances untracked the same way) and instances of
+        these types from the cyclic garbage collector: they can be in no cycle, and
+        every collection would otherwise walk each of the thousands alive at once. For
+        frozen classes only, and types whose instances never lead back (enum members).
     """
     names = tuple(field.name for field in attrs.fields(cls))
     extra = dict(hidden or {})
@@ -41,7 +49,7 @@ def slot_constructor(
     try:
         from acall._speedups import SlotMaker
 
-        fill = SlotMaker(cls, (*names, *extra))
+        fill = SlotMaker(cls, (*names, *extra), *(() if acyclic is None else (acyclic,)))
     except (ImportError, TypeError, AttributeError):
         return cls
     maker: Callable[..., Any] = fill

@@ -337,6 +337,14 @@ static PyObject *plain_tree(PyObject *self, PyObject *obj) {
  * (member descriptors of cls or a base); the caller checks that they are all of the
  * instance's slots (a slot left out would read as unset) and that cls has nothing
  * else to run at construction.
+ *
+ * SlotMaker(cls, names, acyclic) also takes each instance out of the cyclic garbage
+ * collector when every value it holds is untracked (strings, numbers, None, instances
+ * that were untracked the same way) or of one of the types in the tuple acyclic (whose
+ * instances the caller knows never lead back, such as enum members): like a tuple of
+ * atoms, such an instance can be in no reference cycle, and the collector need not
+ * walk it at every collection. The class must be frozen (nothing stores into the
+ * slots later).
  */
 
 typedef struct {
@@ -345,6 +353,7 @@ typedef struct {
     PyTypeObject *cls;
     Py_ssize_t count;
     Py_ssize_t *offsets;
+    PyObject *acyclic; /* tuple of types, or NULL: never untrack */
 } SlotMaker;
 
 static PyObject *slot_maker_call(PyObject *callable, PyObject *const *args, size_t nargsf,
@@ -367,22 +376,42 @@ static PyObject *slot_maker_call(PyObject *callable, PyObject *const *args, size
     for (Py_ssize_t i = 0; i < nargs; i++) {
         *(PyObject **)((char *)obj + self->offsets[i]) = Py_NewRef(args[i]);
     }
+    if (self->acyclic != NULL) {
+        Py_ssize_t trusted = PyTuple_GET_SIZE(self->acyclic);
+        for (Py_ssize_t i = 0; i < nargs; i++) {
+            PyObject *value = args[i];
+            if (!PyObject_IS_GC(value) || !PyObject_GC_IsTracked(value)) continue;
+            Py_ssize_t j = 0;
+            while (j < trusted && PyTuple_GET_ITEM(self->acyclic, j) != (PyObject *)Py_TYPE(value))
+                j++;
+            if (j == trusted) return obj; /* a tracked value of another type: stays tracked */
+        }
+        PyObject_GC_UnTrack(obj);
+    }
     return obj;
 }
 
 static PyObject *slot_maker_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *cls, *names;
+    PyObject *cls, *names, *acyclic = NULL;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
         PyErr_SetString(PyExc_TypeError, "SlotMaker(cls, names) takes no keyword arguments");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "O!O!:SlotMaker", &PyType_Type, &cls, &PyTuple_Type, &names))
+    if (!PyArg_ParseTuple(args, "O!O!|O!:SlotMaker", &PyType_Type, &cls, &PyTuple_Type, &names,
+                          &PyTuple_Type, &acyclic))
         return NULL;
+    for (Py_ssize_t i = 0; acyclic != NULL && i < PyTuple_GET_SIZE(acyclic); i++) {
+        if (!PyType_Check(PyTuple_GET_ITEM(acyclic, i))) {
+            PyErr_SetString(PyExc_TypeError, "SlotMaker: acyclic must be a tuple of types");
+            return NULL;
+        }
+    }
     Py_ssize_t count = PyTuple_GET_SIZE(names);
     SlotMaker *self = (SlotMaker *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;
     self->vectorcall = slot_maker_call;
     self->cls = (PyTypeObject *)Py_NewRef(cls);
+    self->acyclic = Py_XNewRef(acyclic);
     self->count = 0;
     self->offsets = PyMem_New(Py_ssize_t, count > 0 ? count : 1);
     if (self->offsets == NULL) {
@@ -424,6 +453,7 @@ static PyObject *slot_maker_new(PyTypeObject *type, PyObject *args, PyObject *kw
 static void slot_maker_dealloc(PyObject *obj) {
     SlotMaker *self = (SlotMaker *)obj;
     Py_XDECREF(self->cls);
+    Py_XDECREF(self->acyclic);
     PyMem_Free(self->offsets);
     Py_TYPE(obj)->tp_free(obj);
 }
@@ -433,8 +463,10 @@ static PyTypeObject SlotMakerType = {
     .tp_name = "acall._speedups.SlotMaker",
     .tp_basicsize = sizeof(SlotMaker),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = "SlotMaker(cls, names)\n\nA callable: maker(*values) makes an instance of cls\n"
-              "with each named slot set to the value in the same position.",
+    .tp_doc = "SlotMaker(cls, names, acyclic=None)\n\nA callable: maker(*values) makes an "
+              "instance of cls\nwith each named slot set to the value in the same position;\n"
+              "with a tuple of types acyclic, one that holds only untracked values or\n"
+              "instances of those types is untracked from the cyclic garbage collector.",
     .tp_new = slot_maker_new,
     .tp_dealloc = slot_maker_dealloc,
     .tp_vectorcall_offset = offsetof(SlotMaker, vectorcall),

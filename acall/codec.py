@@ -240,7 +240,9 @@ class Prepared:
         return max(0, len(self.blob) - _HEADER.size)
 
 
-_new_prepared: Final = slot_constructor(Prepared, ("t", "ref", 1, 2, 3, b"blob", (b"piece",)))
+_new_prepared: Final = slot_constructor(
+    Prepared, ("t", "ref", 1, 2, 3, b"blob", (b"piece",)), acyclic=()
+)
 
 
 def _inline(text: str) -> Prepared:

@@ -128,5 +128,8 @@ class CallId:
 #: Same as ``CallId(task_id, args_id)``, faster where the C extension is built (the hot
 #: path of every call); see :mod:`acall._slots`.
 make_call_id: Final = slot_constructor(
-    CallId, (TaskId("probe", "f"), "0" * 64), hidden={"_attrs_cached_hash": None}
+    CallId,
+    (TaskId("probe", "f"), "0" * 64),
+    hidden={"_attrs_cached_hash": None},
+    acyclic=(TaskId,),
 )

@@ -430,6 +430,60 @@ def test_slot_maker_refuses_what_is_not_a_slot(names: tuple[Any, ...], error: st
         _speedups.SlotMaker(Point, names)
 
 
+def test_slot_maker_untracks_instances_that_hold_only_atoms_or_trusted_types() -> None:
+    import enum
+    import gc
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Point:
+        __slots__ = ("x", "y")
+        x: Any
+        y: Any
+
+    keeps = _speedups.SlotMaker(Point, ("x", "y"))
+    untracks = _speedups.SlotMaker(Point, ("x", "y"), (Color,))
+    assert gc.is_tracked(Color.RED)
+    assert gc.is_tracked(keeps(1, "a"))  # no acyclic: as the class makes it
+    for values in ((1, "a"), (None, 2.5), (Color.RED, b"x"), (untracks(1, 2), "a")):
+        assert not gc.is_tracked(untracks(*values)), values
+    for values in (([1], "a"), ({"k": []}, 2), (keeps(1, 2), 3), (Point, 1)):
+        assert gc.is_tracked(untracks(*values)), values  # might lead back: walked
+    # An untracked instance is still freed by reference counting, with its values.
+    value = "v" * 1000
+    before = sys.getrefcount(value)
+    held = untracks(untracks(value, 2), Color.RED)
+    assert not gc.is_tracked(held)
+    assert sys.getrefcount(value) == before + 1
+    del held
+    assert sys.getrefcount(value) == before
+    with pytest.raises(TypeError, match="tuple of types"):
+        _speedups.SlotMaker(Point, ("x", "y"), (1,))  # type: ignore[arg-type]
+
+
+def test_the_invocation_path_objects_are_out_of_the_collectors_way() -> None:
+    import gc
+
+    from acall.brokers.base import make_delivery
+    from acall.dto import ErrorInfo, InvocationStatus, make_call_dto, make_record
+    from acall.ids import CallId, TaskId, make_call_id
+
+    call = make_call_dto(make_call_id(TaskId("m", "f"), "0" * 64), {"x": "1"})
+    fields: list[Any] = ["id", call, "q", InvocationStatus.PENDING, 0, 0, 1.0, 1.0]
+    fields += [None, None, None, None, None, None, 1]
+    record = make_record(*fields)
+    for obj in (call.call_id, call, record, make_delivery("id", "q", "r", 1, record)):
+        assert not gc.is_tracked(obj), obj
+    fields[12] = ErrorInfo("E", "m")
+    assert not gc.is_tracked(make_record(*fields))
+    # A call id made by attrs' own constructor is tracked: what holds it stays tracked.
+    fields[1] = make_call_dto(CallId(TaskId("m", "f"), "0" * 64), {"x": "1"})
+    assert gc.is_tracked(fields[1].call_id)
+    assert gc.is_tracked(fields[1])
+    assert gc.is_tracked(make_record(*fields))
+
+
 def test_slot_maker_refuses_a_wrong_call() -> None:
     class Point:
         __slots__ = ("x", "y")

@@ -68,7 +68,7 @@ class Delivery:
 
 #: ``Delivery(invocation_id, queue, receipt, delivery_count, record)``, all five given;
 #: faster where the C extension is built (see :mod:`acall._slots`).
-make_delivery: Final = slot_constructor(Delivery, ("id", "q", "r", 2, "record"))
+make_delivery: Final = slot_constructor(Delivery, ("id", "q", "r", 2, "record"), acyclic=())
 
 
 @attrs.frozen(slots=True)
