@@ -473,7 +473,36 @@ static PyTypeObject SlotMakerType = {
     .tp_call = PyVectorcall_Call,
 };
 
+/* ---------------------------------------------------------------- is_key
+ *
+ * is_key(obj): whether obj is a str of 1 to 256 characters from A-Z, a-z, 0-9 and
+ * '_', '.', ':', '-' (acall.stores.base.KEY_PATTERN), checked with a table: invocation
+ * ids, queue names and content keys are checked several times for every invocation.
+ */
+
+static unsigned char key_chars[256];
+
+static void init_key_chars(void) {
+    const char *allowed = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-";
+    for (const char *c = allowed; *c; c++) key_chars[(unsigned char)*c] = 1;
+}
+
+static PyObject *is_key(PyObject *module, PyObject *obj) {
+    if (!PyUnicode_Check(obj) || !PyUnicode_IS_ASCII(obj)) Py_RETURN_FALSE;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(obj);
+    if (n < 1 || n > 256) Py_RETURN_FALSE;
+    const Py_UCS1 *data = PyUnicode_1BYTE_DATA(obj);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!key_chars[data[i]]) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
+    {"is_key", is_key, METH_O,
+     "is_key(obj) -> bool\n\n"
+     "Whether obj is a str of 1 to 256 characters from A-Z, a-z, 0-9 and '_', '.',\n"
+     "':', '-' (what acall.stores.base.KEY_PATTERN matches in full)."},
     {"args_text", args_text, METH_O,
      "args_text(serialized_args) -> bytes\n\n"
      "For each key in sorted order, JSON(key) + '=' + JSON(value) + ';' in UTF-8, where\n"
@@ -498,6 +527,7 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__speedups(void) {
     init_tables();
+    init_key_chars();
     if (PyType_Ready(&SlotMakerType) < 0) return NULL;
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL) return NULL;

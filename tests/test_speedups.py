@@ -359,6 +359,45 @@ def test_a_key_that_could_change_the_dict_is_refused_before_it_runs() -> None:
     assert "z" in args  # refused before any of its code ran
 
 
+# ------------------------------------------------------------------------- is_key
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a",
+        "0" * 256,
+        "0" * 257,
+        "",
+        "ab-c_d.e:F9",
+        "a b",
+        "a/b",
+        "é",
+        "a\x00",
+        "ab\u20ac",
+        "a\n",
+        5,
+        None,
+        b"abc",
+        type("S", (str,), {})("sub-class.ok"),
+    ],
+)
+def test_is_key_agrees_with_the_pattern(value: object) -> None:
+    from acall.stores.base import KEY_PATTERN, is_key
+
+    expected = isinstance(value, str) and KEY_PATTERN.fullmatch(value) is not None
+    assert _speedups.is_key(value) is expected
+    assert is_key is _speedups.is_key
+
+
+def test_is_key_agrees_with_the_pattern_on_every_ascii_character() -> None:
+    from acall.stores.base import KEY_PATTERN
+
+    for code in range(256):
+        text = f"a{chr(code)}b"
+        assert _speedups.is_key(text) is (KEY_PATTERN.fullmatch(text) is not None), code
+
+
 # ------------------------------------------------------------------------- SlotMaker
 
 
@@ -446,9 +485,11 @@ def test_slot_maker_untracks_instances_that_hold_only_atoms_or_trusted_types() -
     untracks = _speedups.SlotMaker(Point, ("x", "y"), (Color,))
     assert gc.is_tracked(Color.RED)
     assert gc.is_tracked(keeps(1, "a"))  # no acyclic: as the class makes it
-    for values in ((1, "a"), (None, 2.5), (Color.RED, b"x"), (untracks(1, 2), "a")):
+    atoms: list[tuple[Any, Any]] = [(1, "a"), (None, 2.5), (Color.RED, b"x"), (untracks(1, 2), "a")]
+    for values in atoms:
         assert not gc.is_tracked(untracks(*values)), values
-    for values in (([1], "a"), ({"k": []}, 2), (keeps(1, 2), 3), (Point, 1)):
+    others: list[tuple[Any, Any]] = [([1], "a"), ({"k": []}, 2), (keeps(1, 2), 3), (Point, 1)]
+    for values in others:
         assert gc.is_tracked(untracks(*values)), values  # might lead back: walked
     # An untracked instance is still freed by reference counting, with its values.
     value = "v" * 1000

@@ -31,6 +31,11 @@ assert hashing._ARGS_TEXT is None
 from acall.brokers.base import Delivery, make_delivery
 from acall.dto import CallDTO, InvocationRecord, _new_call_dto, make_record
 assert (make_record, make_delivery, _new_call_dto) == (InvocationRecord, Delivery, CallDTO)
+from acall.stores import base as store_base
+from acall.brokers._common import check_name
+assert store_base.is_key is store_base._is_key_by_pattern
+assert store_base.is_key("ab-c_d.e:F9") and not store_base.is_key("a b")
+assert check_name("abc", "queue name") == "abc"
 
 vectors = json.load(open(sys.argv[1], encoding="utf-8"))
 for case in vectors["args_id"]:

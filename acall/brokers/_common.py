@@ -26,7 +26,7 @@ from acall.errors import (
     short_repr,
 )
 from acall.ids import CallId
-from acall.stores.base import KEY_PATTERN
+from acall.stores.base import is_key
 
 __all__ = [
     "DEFAULT_RECORD_TTL",
@@ -57,12 +57,7 @@ def check_name(value: object, what: str) -> str:
 
     :raises InvalidKeyError: naming *what* and the rejected value.
     """
-    # ASCII letters and digits alone (invocation ids, most queue names) are checked by
-    # three C string methods, several times faster than the pattern; it decides the rest.
-    if isinstance(value, str) and (
-        (value.isalnum() and value.isascii() and len(value) <= 256)
-        or KEY_PATTERN.fullmatch(value) is not None
-    ):
+    if is_key(value):
         return value
     if not isinstance(value, str):
         raise InvalidKeyError(

@@ -13,7 +13,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeGuard
 
 from acall.errors import ConfigurationError, InvalidKeyError, StoreError, short_repr
 
@@ -22,6 +22,7 @@ __all__ = [
     "MiB",
     "Store",
     "Value",
+    "is_key",
     "store_options",
     "validate_key",
     "validate_max_value_size",
@@ -39,12 +40,26 @@ Value = bytes | bytearray | memoryview
 MiB: Final = 1024 * 1024
 
 
+def _is_key_by_pattern(value: object) -> TypeGuard[str]:
+    """Whether *value* is a str that :data:`KEY_PATTERN` matches in full."""
+    return isinstance(value, str) and KEY_PATTERN.fullmatch(value) is not None
+
+
+# is_key(value): whether *value* is a str that KEY_PATTERN matches in full. Checked with
+# a table in the C extension where it is built (ids and queue names are checked
+# several times for every invocation), else with the pattern.
+try:
+    from acall._speedups import is_key
+except ImportError:  # pragma: no cover - exercised by test_without_speedups
+    is_key = _is_key_by_pattern
+
+
 def validate_key(key: object) -> str:
     """Return *key* if it is a valid store key, else raise.
 
     :raises InvalidKeyError: naming the rejected key.
     """
-    if isinstance(key, str) and KEY_PATTERN.fullmatch(key) is not None:
+    if is_key(key):
         return key
     if not isinstance(key, str):
         raise InvalidKeyError(
