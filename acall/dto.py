@@ -32,6 +32,7 @@ from typing import Any, Final, TypeGuard, TypeVar
 
 import attrs
 import cattrs
+import orjson
 from cattrs.errors import BaseValidationError
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 
@@ -419,9 +420,68 @@ _STATUS_VALUES: Final = {status.value: status for status in InvocationStatus}
 _ABSENT: Final = object()
 
 #: ``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` with one encoder
-#: made once: json.dumps makes a new encoder whenever it is given options, a third of
-#: the time of encoding a record (every record written to SQLite or Redis).
-_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: made once: json.dumps makes a new encoder whenever it is given options.
+_stdlib_encode_compact: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _encode_compact(value: Any) -> str:
+    """Compact JSON text of *value* (plain data), as ``json.dumps`` with ``(",", ":")``
+    separators and ``ensure_ascii=False`` writes it, up to the spelling of numbers.
+
+    Records are written and read once or twice per invocation by SQLite and Redis
+    brokers, and orjson does each about ten times as fast as the stdlib here. Where
+    orjson refuses (a lone surrogate, an integer beyond 64 bits, a key that is not a
+    str) the stdlib writes it; orjson would write NaN and infinities as ``null``, so
+    callers send values that may hold them to :data:`_stdlib_encode_compact`.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _stdlib_encode_compact(value)
+
+
+#: The members of a record that hold numbers (no nested object holds any).
+_NUMBER_MEMBERS: Final = (
+    "attempt",
+    "max_retries",
+    "v",
+    "created_at",
+    "updated_at",
+    "not_before",
+    "timeout",
+)
+# orjson reads an integer beyond 64 bits as a float; json.loads as an int.
+_BEYOND_64_BITS: Final = 2.0**63
+
+
+def _decode_json(text: str | bytes) -> Any:
+    """``json.loads(text)``, by orjson where it gives the same (see
+    :func:`_encode_compact`). The stdlib reads what orjson refuses (``NaN``, escaped
+    lone surrogates, numbers beyond a double's range), and a document where orjson may
+    have read an integer beyond 64 bits as a float: both then accept the same
+    documents and give the same values."""
+    try:
+        data = orjson.loads(text)
+    except (orjson.JSONDecodeError, TypeError):
+        return json.loads(text)
+    if type(data) is dict:
+        get = data.get
+        for name in _NUMBER_MEMBERS:
+            value = get(name)
+            if type(value) is float and abs(value) >= _BEYOND_64_BITS:
+                return json.loads(text)
+    return data
+
+
+def _finite_times(record: InvocationRecord) -> bool:
+    """Whether every time of *record* is a finite number (orjson writes others as null)."""
+    isfinite = math.isfinite
+    return (
+        isfinite(record.created_at)
+        and isfinite(record.updated_at)
+        and (record.not_before is None or isfinite(record.not_before))
+        and (record.timeout is None or isfinite(record.timeout))
+    )
 
 
 def quick_record(data: dict[str, Any]) -> InvocationRecord | None:
@@ -639,7 +699,12 @@ class DTOCodec:
 
     def to_json(self, obj: Any) -> str:
         """Encode a DTO as compact JSON text."""
-        return _encode_compact(self.to_dict(obj))
+        data = self.to_dict(obj)
+        if type(obj) is InvocationRecord and not _finite_times(obj):
+            # Written as json.dumps writes them (NaN, Infinity), and refused when read
+            # back, as before: never silently turned into null.
+            return _stdlib_encode_compact(data)
+        return _encode_compact(data)
 
     def from_dict(self, data: Any, cls: type[T]) -> T:
         """Structure and validate a plain dict as *cls*.
@@ -674,7 +739,7 @@ class DTOCodec:
         :raises DTOValidationError: for text that is not JSON or a malformed document.
         """
         try:
-            data = json.loads(text)
+            data = _decode_json(text)
         except (ValueError, TypeError, RecursionError) as exc:
             raise DTOValidationError(cls.__name__, [("", f"not valid JSON: {exc}")]) from None
         return self.from_dict(data, cls)

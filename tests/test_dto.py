@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,45 @@ def test_record_json_starts_with_the_claimed_members(codec: DTOCodec) -> None:
     plain = _record(status=InvocationStatus.RUNNING, attempt=3, worker_id="w")
     assert codec.from_json(codec.to_json(plain), InvocationRecord) == plain
     assert set(RECORD_HEAD) == {"status", "attempt", "worker_id", "updated_at"}
+
+
+def test_json_by_orjson_reads_and_writes_what_the_stdlib_would(codec: DTOCodec) -> None:
+    """Records are written and read with orjson, falling back to the stdlib where
+    orjson refuses or would read differently: the documents and values are the same."""
+    plain = _record(status=InvocationStatus.SUCCESS, attempt=2, result='"r"', worker_id="w")
+    text = codec.to_json(plain)
+    assert json.loads(text) == codec.to_dict(plain)
+    assert text == json.dumps(codec.to_dict(plain), separators=(",", ":"), ensure_ascii=False)
+    # orjson refuses a lone surrogate: the stdlib writes it, and reading refuses it, as
+    # before, naming the field.
+    text = codec.to_json(_record(error=ErrorInfo("E", "half \ud800 a pair")))
+    with pytest.raises(DTOValidationError, match=r"error\.message"):
+        codec.from_json(text, InvocationRecord)
+    odd_cases = [
+        # orjson refuses integers beyond 64 bits, and would read them back as floats.
+        _record(attempt=2**70, max_retries=-(2**64)),
+        _record(attempt=2**64 - 1, max_retries=-(2**63)),
+        _record(worker_id="é € \U0001f600", queue="q"),
+    ]
+    for record in odd_cases:
+        text = codec.to_json(record)
+        assert json.loads(text) == codec.to_dict(record)
+        assert codec.from_json(text, InvocationRecord) == record
+        assert codec.from_json(text.encode("utf-8"), InvocationRecord) == record
+    # NaN and infinities are written as the stdlib writes them (orjson would write null)
+    # and refused when read, naming the field.
+    for field, value in (("timeout", math.nan), ("not_before", math.inf)):
+        text = codec.to_json(_record(**{field: value}))
+        assert f'"{field}":null' not in text
+        with pytest.raises(DTOValidationError, match=field):
+            codec.from_json(text, InvocationRecord)
+    # What only the stdlib reads is still read, and checked, the same way.
+    doc = json.loads(codec.to_json(plain))
+    doc["attempt"] = 1.5e19
+    with pytest.raises(DTOValidationError, match="attempt"):
+        codec.from_json(json.dumps(doc), InvocationRecord)
+    doc["attempt"] = 10**25
+    assert codec.from_json(json.dumps(doc), InvocationRecord).attempt == 10**25
 
 
 def test_call_keys_read_with_a_known_task_are_still_checked(codec: DTOCodec) -> None:
