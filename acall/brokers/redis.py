@@ -431,6 +431,19 @@ local function call_with(command, key, values, lead)
   end
 end
 
+-- Append the values to the list lists[key], made if missing.
+local function append(lists, key, first, second)
+  local list = lists[key]
+  if not list then
+    list = {}
+    lists[key] = list
+  end
+  list[#list + 1] = first
+  if second ~= nil then
+    list[#list + 1] = second
+  end
+end
+
 -- Make the status set changes noted so far. Every script storing records ends with it.
 local function flush_status()
   local removals = {}
@@ -439,21 +452,10 @@ local function flush_status()
     local status = new_status[id]
     for s in pairs(leaving[id]) do
       if s ~= status then
-        local ids = removals[s]
-        if not ids then
-          ids = {}
-          removals[s] = ids
-        end
-        ids[#ids + 1] = id
+        append(removals, s, id)
       end
     end
-    local args = additions[status]
-    if not args then
-      args = {}
-      additions[status] = args
-    end
-    args[#args + 1] = new_score[id]
-    args[#args + 1] = id
+    append(additions, status, new_score[id], id)
   end
   for s, ids in pairs(removals) do
     call_with('ZREM', prefix .. 'status:' .. s, ids)
@@ -901,12 +903,7 @@ for base = 3, #ARGV, 8 do
     end
   end
   if entry ~= '' and held(prefix .. 'q:' .. queue, entry, count) then
-    local entries = done[queue]
-    if not entries then
-      entries = {}
-      done[queue] = entries
-    end
-    entries[#entries + 1] = entry
+    append(done, queue, entry)
   end
 end
 forget_all(done)
