@@ -45,13 +45,22 @@ def _is_key_by_pattern(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and KEY_PATTERN.fullmatch(value) is not None
 
 
-# is_key(value): whether *value* is a str that KEY_PATTERN matches in full. Checked with
-# a table in the C extension where it is built (ids and queue names are checked
-# several times for every invocation), else with the pattern.
-try:
-    from acall._speedups import is_key
-except ImportError:  # pragma: no cover - exercised by test_without_speedups
-    is_key = _is_key_by_pattern
+def _native_is_key() -> Callable[[object], TypeGuard[str]] | None:
+    """The C extension's key check, if it is built and agrees with the pattern."""
+    try:
+        from acall._speedups import is_key as native
+    except ImportError:
+        return None
+    probes = ("ab-c_d.e:F9", "a b", "", "x" * 256, "x" * 257, "é", "a\n", 5, None)
+    if any(native(probe) is not _is_key_by_pattern(probe) for probe in probes):
+        return None  # pragma: no cover - a broken build
+    return native
+
+
+#: is_key(value): whether *value* is a str that :data:`KEY_PATTERN` matches in full.
+#: Checked with a table in the C extension where it is built (ids and queue names are
+#: checked several times for every invocation), else with the pattern.
+is_key: Final = _native_is_key() or _is_key_by_pattern
 
 
 def validate_key(key: object) -> str:
