@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring
 from typing import Final
 
+from acall._native import native_function
 from acall.errors import InvalidKeyError, SerializationError, short_repr
 from acall.ids import NO_ARGS
 
@@ -44,21 +45,18 @@ _layouts: dict[tuple[str, ...], tuple[tuple[str, str], ...]] = {}
 _LAYOUTS_MAX: Final = 4096
 
 
-def _native_args_text() -> Callable[[Mapping[str, str]], bytes] | None:
-    """``acall._speedups.args_text``: the hashed bytes of a dict of str, built in one C
-    call (sorting, escaping and UTF-8 at once), or ``None`` where the extension was not
-    built or disagrees with the Python rule on a probe."""
-    try:
-        from acall._speedups import args_text
-    except ImportError:
-        return None
+def _args_text_agrees(args_text: Callable[[Mapping[str, str]], bytes]) -> bool:
+    """Whether the native *args_text* builds the bytes the Python rule does, on a probe."""
     probe = {"b": 'x"\\\n\x7f\x01é€😀', "a": "1", "é": "[1, 2]", "": ""}
     expected = "".join(f"{_encode(k)}={_encode(probe[k])};" for k in sorted(probe)).encode()
-    return args_text if args_text(probe) == expected else None
+    return args_text(probe) == expected
 
 
-#: The native builder of the hashed bytes, or ``None`` (the Python rule below).
-_ARGS_TEXT: Final = _native_args_text()
+#: ``acall._speedups.args_text``: the hashed bytes of a dict of str, built in one C call
+#: (sorting, escaping and UTF-8 at once), or ``None``: the Python rule below.
+_ARGS_TEXT: Final[Callable[[Mapping[str, str]], bytes] | None] = native_function(
+    "args_text", _args_text_agrees
+)
 
 _Layout = tuple[tuple[str, str], ...]
 # The most recent layout, checked before the dict: one tuple, swapped whole, so threads

@@ -40,6 +40,7 @@ from itertools import chain, compress, islice
 from json.encoder import encode_basestring_ascii
 from typing import Any, ClassVar, Final, Protocol, TypeGuard, runtime_checkable
 
+from acall._native import native_function
 from acall.errors import (
     DeserializationError,
     RemoteTaskError,
@@ -78,6 +79,12 @@ def _stdlib_escape_range(text: str, start: int, stop: int) -> str:
     return str(encode_basestring_ascii(text[start:stop]))[1:-1]
 
 
+def _escaper_agrees(escape: Callable[[str, int, int], str]) -> bool:
+    """Whether the native *escape* gives the stdlib's escape, on a probe."""
+    probe = 'plain "quoted" \\ \x00\x1f\x7f\n\r\t\b\f é € \ud800 \U0001f600 \U0010ffff end'
+    return escape(probe, 6, len(probe) - 4) == _stdlib_escape_range(probe, 6, len(probe) - 4)
+
+
 def _range_escaper() -> Callable[[str, int, int], str]:
     """``escape(text, start, stop)``: the JSON escape of ``text[start:stop]`` as
     ``json.dumps`` writes it, without the quotes.
@@ -88,14 +95,7 @@ def _range_escaper() -> Callable[[str, int, int], str]:
     threads hashing the pieces already escaped. Without a C compiler at install time,
     or if it ever disagrees with the stdlib on the probe, the stdlib escaper is used.
     """
-    try:
-        from acall._speedups import escape_ascii
-    except ImportError:
-        return _stdlib_escape_range
-    probe = 'plain "quoted" \\ \x00\x1f\x7f\n\r\t\b\f é € \ud800 \U0001f600 \U0010ffff end'
-    if escape_ascii(probe, 6, len(probe) - 4) != _stdlib_escape_range(probe, 6, len(probe) - 4):
-        return _stdlib_escape_range
-    return escape_ascii
+    return native_function("escape_ascii", _escaper_agrees) or _stdlib_escape_range
 
 
 _escape_range: Final = _range_escaper()
@@ -256,6 +256,13 @@ class _ProbeEnum(Enum):
     MEMBER = 1
 
 
+def _walker_agrees(plain_tree: Callable[[Any], int]) -> bool:
+    """Whether the native *plain_tree* tells a plain tree and its flags, on probes."""
+    probe_plain = {"a": [1, 2.5, (None, True)], 3: {float("inf"): ""}}
+    probe_not = [1, {"a": _ProbeEnum.MEMBER}]
+    return plain_tree(probe_plain) == NONFINITE_KEY and plain_tree(probe_not) == NOT_PLAIN
+
+
 def _plain_checker() -> Callable[[Any], int]:
     """``_plain(obj)``: :data:`NOT_PLAIN` unless *obj* is built only of exact ``dict``,
     ``list``, ``tuple``, ``str``, ``int``, ``float``, ``bool`` and ``None``; else flags
@@ -265,15 +272,7 @@ def _plain_checker() -> Callable[[Any], int]:
     anything, about four times as fast as ``marshal``, and says exactly whether a key
     is a NaN or infinite float.
     """
-    try:
-        from acall._speedups import plain_tree
-    except ImportError:
-        return _plain_by_marshal
-    probe_plain = {"a": [1, 2.5, (None, True)], 3: {float("inf"): ""}}
-    probe_not = [1, {"a": _ProbeEnum.MEMBER}]
-    if plain_tree(probe_plain) != NONFINITE_KEY or plain_tree(probe_not) != NOT_PLAIN:
-        return _plain_by_marshal
-    return plain_tree
+    return native_function("plain_tree", _walker_agrees) or _plain_by_marshal
 
 
 _plain: Final = _plain_checker()

@@ -598,13 +598,8 @@ local function held(stream, entry, count)
   return #pending == 1 and tonumber(pending[1][4]) == tonumber(count)
 end
 
-local function forget(queue, stream, entry)
-  redis.call('XACK', stream, GROUP, entry)
-  redis.call('XDEL', stream, entry)
-  redis.call('ZREM', prefix .. 'inflight:' .. queue, entry)
-end
-
--- forget() for many entries, three commands per queue: queue -> entry ids.
+-- Acknowledge entries and drop them from their streams and in-flight sets, three
+-- commands per queue: queue -> entry ids.
 local function forget_all(by_queue)
   for queue, entries in pairs(by_queue) do
     local stream = prefix .. 'q:' .. queue
@@ -612,6 +607,10 @@ local function forget_all(by_queue)
     call_with('XDEL', stream, entries)
     call_with('ZREM', prefix .. 'inflight:' .. queue, entries)
   end
+end
+
+local function forget(queue, entry)
+  forget_all({[queue] = {entry}})
 end
 """
 )
@@ -798,7 +797,7 @@ local function deliver(queue, entry, fields, count)
     end
   end
   -- Not an acall entry: never hand it out again.
-  forget(queue, prefix .. 'q:' .. queue, entry)
+  forget(queue, entry)
 end
 
 for i = 6, #ARGV do
@@ -969,7 +968,7 @@ local stream = prefix .. 'q:' .. queue
 if not held(stream, entry, count) then
   return 0
 end
-forget(queue, stream, entry)
+forget(queue, entry)
 return 1
 """
 )
@@ -1009,7 +1008,7 @@ if not held(stream, entry, count) then
 end
 local now = server_time()
 store_record(id, json, status, ttl_ms, now, call_key)
-forget(queue, stream, entry)
+forget(queue, entry)
 if delay > 0 then
   redis.call('ZADD', prefix .. 'delayed:' .. queue, now + delay, id)
 else

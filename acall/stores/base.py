@@ -13,8 +13,9 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Final, Self, TypeGuard
+from typing import Final, Self, TypeGuard, cast
 
+from acall._native import native_function
 from acall.errors import ConfigurationError, InvalidKeyError, StoreError, short_repr
 
 __all__ = [
@@ -45,22 +46,19 @@ def _is_key_by_pattern(value: object) -> TypeGuard[str]:
     return isinstance(value, str) and KEY_PATTERN.fullmatch(value) is not None
 
 
-def _native_is_key() -> Callable[[object], TypeGuard[str]] | None:
-    """The C extension's key check, if it is built and agrees with the pattern."""
-    try:
-        from acall._speedups import is_key as native
-    except ImportError:
-        return None
+def _key_check_agrees(is_key: Callable[[object], bool]) -> bool:
+    """Whether the native *is_key* agrees with the pattern, on probes."""
     probes = ("ab-c_d.e:F9", "a b", "", "x" * 256, "x" * 257, "é", "a\n", 5, None)
-    if any(native(probe) is not _is_key_by_pattern(probe) for probe in probes):
-        return None  # pragma: no cover - a broken build
-    return native
+    return all(is_key(probe) is _is_key_by_pattern(probe) for probe in probes)
 
 
 #: is_key(value): whether *value* is a str that :data:`KEY_PATTERN` matches in full.
 #: Checked with a table in the C extension where it is built (ids and queue names are
 #: checked several times for every invocation), else with the pattern.
-is_key: Final = _native_is_key() or _is_key_by_pattern
+is_key: Final = cast(
+    "Callable[[object], TypeGuard[str]]",
+    native_function("is_key", _key_check_agrees) or _is_key_by_pattern,
+)
 
 
 def validate_key(key: object) -> str:
