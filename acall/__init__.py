@@ -63,6 +63,10 @@ from acall.lifecycle import (
     BlobCollection,
     BlobCollector,
 )
+from acall.results import (
+    InvocationHandle,
+    ResultFuture,
+)
 from acall.serializers import (
     JsonSerializable,
     JsonSerializer,
@@ -75,7 +79,6 @@ from acall.stores import (
 )
 from acall.tasks import (
     App,
-    InvocationHandle,
     RetryPolicy,
     Task,
     TaskOptions,
@@ -122,6 +125,7 @@ __all__ = [
     "PickleSerializer",
     "PreSerializedCall",
     "RemoteTaskError",
+    "ResultFuture",
     "ResultTimeoutError",
     "RetryPolicy",
     "SerializationError",

@@ -94,7 +94,7 @@ async def _run_inspect(args: argparse.Namespace) -> None:
     from acall.dto import DTOCodec
     from acall.errors import InvalidKeyError
     from acall.ids import CallId
-    from acall.tasks import rebuild_exception
+    from acall.results import rebuild_exception
 
     app = _app_of(args)
     async with app:

@@ -32,7 +32,8 @@ import anyio
 from acall.calls import ConcurrencyMode
 from acall.dto import InvocationStatus
 from acall.errors import AcallError
-from acall.tasks import App, InvocationHandle
+from acall.results import InvocationHandle
+from acall.tasks import App
 from acall.worker import current_invocation
 
 __all__ = ["app", "run_demo"]

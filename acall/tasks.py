@@ -18,21 +18,17 @@ parameters; a task function may not use those names.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import math
 import random
 import time
 import traceback
 import typing
 from collections.abc import (
-    AsyncGenerator,
     Awaitable,
     Callable,
     Coroutine,
     Iterable,
-    Iterator,
     Mapping,
     Sequence,
 )
@@ -42,37 +38,31 @@ from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 import anyio
 import attrs
 
-from acall._concurrency import GroupCommit, Wakeup
+from acall._concurrency import GroupCommit
 from acall.brokers import open_broker
 from acall.brokers.base import Broker
 from acall.calls import Call, ConcurrencyMode, PreSerializedCall, TaskSpec
-from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings
+from acall.codec import OffloadCodec, OffloadSettings
 from acall.dto import (
     ErrorInfo,
     InvocationRecord,
-    InvocationStatus,
     new_invocation_id,
     submitted,
 )
 from acall.errors import (
-    AcallError,
-    BrokerUnavailableError,
     ConfigurationError,
-    DeserializationError,
     InvalidArgumentsError,
-    RemoteTaskError,
-    ResultTimeoutError,
     SerializationError,
-    TaskError,
 )
-from acall.hashing import REFERENCE_PREFIX, compute_args_id
+from acall.hashing import compute_args_id
 from acall.ids import TaskId
 from acall.lifecycle import BlobCollection
+from acall.results import InvocationHandle, ResultWatcher
 from acall.serializers import JsonSerializer, Serializer
 from acall.stores import Store, open_store
 from acall.typed import make_argument_converter, needs_typing
 
-__all__ = ["App", "InvocationHandle", "RetryPolicy", "Task", "TaskOptions"]
+__all__ = ["App", "RetryPolicy", "Task", "TaskOptions"]
 
 logger = logging.getLogger("acall.tasks")
 
@@ -201,7 +191,7 @@ class App:
             self._offload,
             reuse_window=None if collection is None else collection.reuse_window,
         )
-        self._waiter = _ResultWaiter(self.broker)
+        self._results = ResultWatcher(self.broker)
         # Submissions made at the same moment (many tasks submitting at once) go to the
         # broker together: one SQLite transaction or one Redis script call per batch.
         self._submitter: GroupCommit[InvocationRecord, InvocationRecord] = GroupCommit(
@@ -330,7 +320,7 @@ class App:
 
     async def wait_final(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
         """Wait until the invocation reaches SUCCESS or FAILED; return its record."""
-        return await self._waiter.wait(invocation_id, timeout)
+        return await self._results.wait(invocation_id, timeout, None)
 
 
 def _default_store_url(broker: Broker | str) -> str:
@@ -344,320 +334,6 @@ def _default_store_url(broker: Broker | str) -> str:
         f"pass store= as well when giving a broker object ({broker.url}): workers in other "
         "processes must reach the same store to read offloaded values"
     )
-
-
-class _Waiter(Wakeup):
-    """One awaited handle: its own wake-up call (one object per handle, not two: when
-    thousands are awaited at once, the garbage collector walks each of them again and
-    again), the record once final, whether its time is up, and the next waiter for the
-    same invocation (the waiters of one invocation form a chain: no list per handle)."""
-
-    __slots__ = ("expired", "next", "record")
-
-    def __init__(self, next_waiter: _Waiter | None) -> None:
-        super().__init__()
-        self.record: InvocationRecord | None = None
-        self.expired = False
-        self.next = next_waiter
-
-    def finished(self) -> bool:
-        return self.record is not None
-
-    def expire(self) -> None:
-        self.expired = True
-        self.set()
-
-
-def _chain(first: _Waiter | None) -> Iterator[_Waiter]:
-    while first is not None:
-        yield first
-        first = first.next
-
-
-class _ResultWaiter:
-    """Wakes every awaited handle of an app when its invocation finishes.
-
-    One of the waiting tasks at a time is the *leader*: it reads the broker's
-    ``watch_final`` stream (and polls every waited invocation now and then, since
-    notifications are best effort) and wakes the others. When its own invocation
-    finishes, or it is cancelled, another waiter takes over the same subscription, so
-    there is no background task to start or stop and no re-subscription per handover;
-    the subscription is closed when nobody waits.
-    """
-
-    POLL_EVERY = 1.0
-
-    def __init__(self, broker: Broker) -> None:
-        self.broker = broker
-        # Handles awaited together (gather over many) look their records up together.
-        self._lookup: GroupCommit[str, InvocationRecord | None] = GroupCommit(broker.get_many)
-        # Invocation id -> the first of its waiters (the others follow its chain).
-        self._waiters: dict[str, _Waiter] = {}
-        self._leader: _Waiter | None = None
-        self._stream: AsyncGenerator[set[str], None] | None = None
-        self._last_poll = -math.inf
-
-    async def wait(self, invocation_id: str, timeout: float | None) -> InvocationRecord:
-        # One coroutine for the whole wait (no helper awaited in the loop below): with
-        # thousands of handles awaited at once, every frame is one more object that the
-        # garbage collector walks again and again.
-        waiters = self._waiters
-        in_process = self.broker.reads_in_process
-        if in_process:
-            # No round trip: read it now, and register only if it is still to finish
-            # (nothing can finish between the read and the registration: no await).
-            record = self.broker.get_now(invocation_id)
-            if record is not None and record.status.is_final:
-                return record
-        me = waiters[invocation_id] = _Waiter(waiters.get(invocation_id))
-        timer: asyncio.TimerHandle | None = None
-        try:
-            started = anyio.current_time()
-            # Registered first, then looked up: a finish in between is not missed.
-            if not in_process:
-                try:
-                    record = await self._lookup.submit(invocation_id, me)
-                except BrokerUnavailableError as exc:
-                    record = await self._look_up_again(invocation_id, exc, started, timeout)
-            if record is None:
-                raise TaskError(f"unknown invocation {invocation_id!r}")
-            if record.status.is_final:
-                return record
-            deadline = None if timeout is None else started + timeout
-            if deadline is not None:
-                # A plain loop timer wakes a waiting handle at its deadline: a cancel
-                # scope per handle costs far more when thousands are awaited together.
-                # Only the leader, which blocks inside the broker's stream, needs one.
-                timer = asyncio.get_running_loop().call_later(
-                    max(0.0, deadline - anyio.current_time()), me.expire
-                )
-            while me.record is None:
-                if me.expired:
-                    break
-                if self._leader is not None:
-                    await me.sleep()
-                    continue
-                self._leader = me
-                try:
-                    if deadline is None:
-                        await self._lead(me)
-                    else:
-                        with anyio.move_on_after(deadline - anyio.current_time()):
-                            await self._lead(me)
-                finally:
-                    self._leader = None
-                    self._hand_over(me)
-                if me.record is None:  # led until the deadline
-                    break
-            if me.record is None:
-                raise ResultTimeoutError(
-                    f"invocation {invocation_id} did not finish within {timeout} s "
-                    "(it keeps running; call result() again to keep waiting)"
-                )
-            return me.record
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._forget(invocation_id, me)
-            if not waiters and self._leader is None and self._stream is not None:
-                stream, self._stream = self._stream, None
-                with anyio.CancelScope(shield=True):
-                    await stream.aclose()
-
-    def _forget(self, invocation_id: str, me: _Waiter) -> None:
-        first = self._waiters[invocation_id]
-        if first is me:
-            if me.next is None:
-                del self._waiters[invocation_id]
-            else:
-                self._waiters[invocation_id] = me.next
-            return
-        while first.next is not me:
-            assert first.next is not None
-            first = first.next
-        first.next = me.next
-
-    async def _look_up_again(
-        self,
-        invocation_id: str,
-        error: BrokerUnavailableError,
-        started: float,
-        timeout: float | None,
-    ) -> InvocationRecord | None:
-        """Look the record up until the broker answers (it may be restarting).
-
-        :raises BrokerUnavailableError: the latest one, if the broker is still
-            unreachable when *timeout* is up.
-        """
-        delay = 0.1
-        while True:
-            if timeout is not None and anyio.current_time() + delay > started + timeout:
-                raise error
-            logger.warning(
-                "waiting for invocation %s: %s; retrying in %.1f s", invocation_id, error, delay
-            )
-            await anyio.sleep(delay)
-            delay = min(5.0, delay * 2)
-            try:
-                return await self._lookup.submit(invocation_id)
-            except BrokerUnavailableError as exc:
-                error = exc
-
-    def _hand_over(self, leaving: _Waiter) -> None:
-        for first in self._waiters.values():
-            for waiter in _chain(first):
-                if waiter.record is None and waiter is not leaving:
-                    waiter.set()
-                    return
-
-    async def _lead(self, me: _Waiter) -> None:
-        delay = 0.1
-        while not me.finished():
-            try:
-                if self._stream is None:
-                    self._stream = self.broker.watch_final()
-                    # Its first item comes as soon as it is subscribed: checking every
-                    # waited invocation then covers whatever finished before.
-                    self._last_poll = -math.inf
-                async for ids in self._stream:
-                    now = time.monotonic()
-                    if now - self._last_poll >= self.POLL_EVERY:
-                        due = list(self._waiters)
-                        self._last_poll = now
-                    else:
-                        due = [i for i in ids if i in self._waiters]
-                    if due:
-                        await self._check(due)
-                    if me.finished():
-                        return
-                self._stream = None  # the broker was closed
-                raise TaskError("the broker was closed while waiting for results")
-            except anyio.get_cancelled_exc_class():
-                # A generator interrupted mid-step cannot be resumed by the next leader.
-                stream, self._stream = self._stream, None
-                if stream is not None:
-                    with anyio.CancelScope(shield=True):
-                        await stream.aclose()
-                raise
-            except AcallError as exc:
-                if isinstance(exc, TaskError):
-                    raise
-                # The stream may still be open (a look-up failed, not the stream):
-                # close it, and its subscription, before starting afresh.
-                stream, self._stream = self._stream, None
-                if stream is not None:
-                    with anyio.CancelScope(shield=True):
-                        await _close_quietly(stream)
-                logger.warning("watching results: %s; retrying in %.1f s", exc, delay)
-                await anyio.sleep(delay)
-                delay = min(5.0, delay * 2)
-
-    async def _check(self, ids: list[str]) -> None:
-        for start in range(0, len(ids), 1000):
-            for record in await self.broker.get_many(ids[start : start + 1000]):
-                if record is not None and record.status.is_final:
-                    for waiter in _chain(self._waiters.get(record.invocation_id)):
-                        waiter.record = record
-                        waiter.set()
-
-
-async def _close_quietly(stream: AsyncGenerator[set[str], None]) -> None:
-    try:
-        await stream.aclose()
-    except AcallError as exc:  # closing a subscription on a dead connection
-        logger.debug("closing the result stream: %s", exc)
-
-
-class InvocationHandle(Generic[R]):
-    """A submitted invocation: its id, status, and (awaitable) result.
-
-    :ivar invocation_id: the invocation's id.
-    :ivar deduplicated: True when submission returned an equal call already pending or
-        running (concurrency control) instead of creating a new invocation.
-    """
-
-    # (Thousands may be held at once: no per-handle __dict__ for the collector to walk.)
-    __slots__ = ("app", "deduplicated", "invocation_id", "task")
-
-    def __init__(
-        self,
-        app: App,
-        invocation_id: str,
-        task: Task[Any, R] | None = None,
-        *,
-        deduplicated: bool = False,
-    ) -> None:
-        self.app = app
-        self.invocation_id = invocation_id
-        self.task = task
-        self.deduplicated = deduplicated
-
-    def __repr__(self) -> str:
-        dedup = ", deduplicated" if self.deduplicated else ""
-        return f"InvocationHandle({self.invocation_id}{dedup})"
-
-    async def record(self) -> InvocationRecord:
-        """The invocation's current record."""
-        record = await self.app.broker.get(self.invocation_id)
-        if record is None:
-            raise TaskError(f"unknown invocation {self.invocation_id!r}")
-        return record
-
-    async def status(self) -> InvocationStatus:
-        """The invocation's current status."""
-        return (await self.record()).status
-
-    async def result(self, timeout: float | None = None) -> R:
-        """Wait for the outcome: the return value, or the task's exception raised here.
-
-        :raises ResultTimeoutError: if it does not finish within *timeout* seconds.
-        :raises RemoteTaskError: if the task failed with an exception that cannot be
-            rebuilt safely in this process (its type and message are kept).
-        """
-        # (The app's waiter directly, not App.wait_final: one coroutine frame less for
-        # each of the thousands of handles that may be awaited at once.)
-        record = await self.app._waiter.wait(self.invocation_id, timeout)
-        if record.status is not InvocationStatus.SUCCESS:
-            raise rebuild_exception(self.app.serializer, record)
-        text = record.result
-        if text is None:
-            return None  # type: ignore[return-value]
-        codec = self.app.codec
-        if len(text) < THREAD_MIN_CHARS and not text.startswith(REFERENCE_PREFIX):
-            # Small and inline (the usual case): loaded here, one coroutine less.
-            value = codec.serializer.loads(text)
-        else:
-            value = await codec.decode(text)
-        task = self.task or self.app.get_task(record.call_id.task_id.key)
-        if task is not None:
-            value = task.structure_result(value)
-        result: R = value
-        return result
-
-
-def rebuild_exception(serializer: Serializer, record: InvocationRecord) -> BaseException:
-    """The exception a failed invocation raised, rebuilt safely, with its traceback noted."""
-    error = record.error or ErrorInfo("RemoteTaskError", "the invocation failed without details")
-    exc: BaseException | None = None
-    if error.serialized is not None:
-        try:
-            loaded = serializer.loads(error.serialized)
-        except (DeserializationError, SerializationError):
-            loaded = None
-        if isinstance(loaded, StopIteration | StopAsyncIteration):
-            # Raised from a coroutine (handle.result()), these would turn into a bare
-            # "RuntimeError: coroutine raised StopIteration": keep them as the cause.
-            exc = RemoteTaskError(error.type_name, error.message)
-            exc.__cause__ = loaded
-        elif isinstance(loaded, BaseException):
-            exc = loaded
-    if exc is None:
-        exc = RemoteTaskError(error.type_name, error.message)
-    note = f"raised by invocation {record.invocation_id} ({record.call_id.key})"
-    if error.traceback:
-        note += "; remote traceback:\n" + error.traceback
-    exc.add_note(note)
-    return exc
 
 
 def error_info(serializer: Serializer, exc: BaseException) -> ErrorInfo:

@@ -45,8 +45,8 @@ from acall.errors import (
     StoreUnavailableError,
 )
 from acall.hashing import REFERENCE_PREFIX
+from acall.results import InvocationHandle
 from acall.stores import SqliteStore
-from acall.tasks import InvocationHandle
 from acall.testing import RedisServer
 from acall.worker import Worker
 

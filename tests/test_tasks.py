@@ -283,7 +283,7 @@ async def test_many_waiters_on_one_invocation(app: App) -> None:
             gate.set()
         worker.stop()
     assert results == ["timeout", "timeout", 42, 42, 42]
-    assert not app._waiter._waiters  # every waiter left the chain
+    assert not app._results._waiting  # every waiter left the chain
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
