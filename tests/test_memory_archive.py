@@ -186,11 +186,12 @@ async def test_the_call_index_keeps_every_invocation_of_a_call_in_order() -> Non
 
 async def test_each_operation_packs_a_bounded_share(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "ARCHIVE_BATCH", 2)
+    monkeypatch.setattr(memory, "ARCHIVE_AFTER", 0.3)
     async with MemoryBroker() as broker:
         finals = [await _finished(broker, _record()) for _ in range(5)]
         data = broker._data
         assert not data.archive
-        monkeypatch.setattr(memory, "ARCHIVE_AFTER", 0.0)  # all five due at once
+        await anyio.sleep(0.35)  # all five due at once
         sizes = []
         for _ in range(3):
             broker.get_now(finals[0].invocation_id)

@@ -58,6 +58,11 @@ _BY_BYTE: Final = dict(enumerate(InvocationStatus))
 Packed = bytes
 _ARGS_AT: Final = 18
 
+#: marshal format 2: without the back-references of formats 3 and later (which save a
+#: flat tuple of mostly distinct strings 10-15% of its size), marshal writes it in about
+#: 60% and reads it in 40% of the time. The bytes never leave the process.
+_MARSHAL_VERSION: Final = 2
+
 
 class RecordPacker:
     """Packs records and unpacks them, sharing one :class:`TaskId` per task key."""
@@ -97,7 +102,8 @@ class RecordPacker:
                 r.result,
                 r.v,
                 *chain.from_iterable(r.call.serialized_arguments.items()),
-            )
+            ),
+            _MARSHAL_VERSION,
         )
 
     def unpack(self, packed: Packed) -> InvocationRecord:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -110,6 +111,9 @@ class _MemoryData:
         self.queues: dict[str, _Queue] = {}
         # Finished invocation id -> expiry, in the order they finished.
         self.finished: dict[str, float] = {}
+        # No record is to be packed or forgotten before this (monotonic) time: purge(),
+        # called at every operation, returns at once until then.
+        self.purge_at = math.inf
         # Each waiting receive() owns an event created in its own task (an event bound
         # to an event loop that has gone away must never be shared).
         self.waiters: set[anyio.Event] = set()
@@ -280,6 +284,9 @@ class _MemoryData:
             del self.dedup[key]
         if record_ttl is not None:
             self.finished[invocation_id] = now + record_ttl
+            self.purge_at = min(self.purge_at, now + ARCHIVE_AFTER, now + record_ttl)
+        else:
+            self.purge_at = min(self.purge_at, now + ARCHIVE_AFTER)
         for watcher in self.watchers:
             watcher.ids.add(invocation_id)
             watcher.wake()
@@ -297,6 +304,8 @@ class _MemoryData:
     def purge(self, now: float) -> None:
         """Forget finished invocations whose record_ttl has passed; pack the finished
         records that have been kept as objects long enough."""
+        if now < self.purge_at:
+            return
         to_archive = self.to_archive
         if to_archive and to_archive[0][0] <= now - ARCHIVE_AFTER:
             self._archive_until(now - ARCHIVE_AFTER)
@@ -313,6 +322,12 @@ class _MemoryData:
             entry = self.entries.get(invocation_id)
             if entry is not None:
                 self.remove(entry)
+        # When the next purge has work (the rest of a bounded archiving batch: now).
+        purge_at = to_archive[0][0] + ARCHIVE_AFTER if to_archive else math.inf
+        for expires_at in self.finished.values():  # the loop above stops at the first
+            purge_at = min(purge_at, expires_at)
+            break
+        self.purge_at = purge_at
 
     def _forget(self, invocation_id: str) -> str | None:
         """Drop the record of *invocation_id*; return its call key (``None`` if unknown)."""
