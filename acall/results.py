@@ -320,11 +320,15 @@ class ResultWatcher:
                 except BrokerUnavailableError as exc:
                     self._trouble = str(exc)
                     logger.warning("watching results: %s; retrying in %.1f s", exc, delay)
+                except AcallError as exc:  # the broker is closed, or cannot be watched
+                    self._fail_all(exc)
+                    return
                 else:  # the stream ended: the broker was closed
                     self._fail_all(TaskError("the broker was closed while waiting for results"))
                     return
                 finally:
-                    self._subscribed = False
+                    if self._watch_task in (me, None):  # else a successor subscribes now
+                        self._subscribed = False
                     with anyio.CancelScope(shield=True):
                         await _close_quietly(stream)
                 await anyio.sleep(delay)
@@ -383,6 +387,10 @@ class ResultWatcher:
                     self._fresh[:0] = due
                     await anyio.sleep(delay)
                     delay = min(5.0, delay * 2)
+                except Exception as exc:  # no future may wait on a lookup that failed
+                    logger.exception("looking up results failed")
+                    for invocation_id in due:
+                        self._fail(invocation_id, exc)
                 else:
                     self._trouble = None
         finally:
