@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = ["InvocationHandle", "ResultFuture", "ResultWatcher", "rebuild_exception"]
 
-logger = logging.getLogger("acall.tasks")
+logger = logging.getLogger("acall.results")
 
 R = TypeVar("R")
 

@@ -19,7 +19,6 @@ parameters; a task function may not use those names.
 from __future__ import annotations
 
 import inspect
-import logging
 import random
 import time
 import traceback
@@ -63,8 +62,6 @@ from acall.stores import Store, open_store
 from acall.typed import make_argument_converter, needs_typing
 
 __all__ = ["App", "RetryPolicy", "Task", "TaskOptions"]
-
-logger = logging.getLogger("acall.tasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
