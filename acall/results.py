@@ -136,7 +136,8 @@ class ResultWatcher:
     best effort, every waited id each :attr:`POLL_EVERY` seconds) and settles the
     futures of those that are final. Brokers read with a round trip also get each new
     id looked up once, by a second task, since it may have finished before it was
-    waited for.
+    waited for. (So waiting for results one at a time, each already final, costs a
+    look-up each, and no subscription.)
     """
 
     POLL_EVERY = 1.0
@@ -145,9 +146,8 @@ class ResultWatcher:
         self.broker = broker
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiting: dict[str, ResultFuture[Any]] = {}
-        # Ids waited for since the subscription was made, not looked up yet.
+        # Ids waited for and not looked up yet (brokers read with a round trip).
         self._fresh: list[str] = []
-        self._subscribed = False
         self._watch_task: asyncio.Task[None] | None = None
         self._lookup_task: asyncio.Task[None] | None = None
         self._decoding: set[asyncio.Task[None]] = set()
@@ -177,9 +177,10 @@ class ResultWatcher:
             if record.status.is_final:
                 self._settle(future, record)
                 return future
-        elif self._subscribed:
-            # It may have finished before the subscription could see it: look it up.
-            # (Before the subscription is made, its first check covers every waiting id.)
+        else:
+            # It may have finished already, or before a subscription could see it: it
+            # is looked up first (the look-up starts the watcher if it is still to
+            # finish).
             self._fresh.append(invocation_id)
             if self._lookup_task is None:
                 self._lookup_task = loop.create_task(self._look_up())
@@ -187,8 +188,8 @@ class ResultWatcher:
             future._timer = loop.call_later(max(0.0, timeout), self._expire, future, timeout)
         future._next = self._waiting.get(invocation_id)
         self._waiting[invocation_id] = future
-        if self._watch_task is None:
-            self._watch_task = loop.create_task(self._watch())
+        if broker.reads_in_process:
+            self._start_watching()
         return future
 
     # -- settling ----------------------------------------------------------------------
@@ -198,7 +199,6 @@ class ResultWatcher:
         self._loop = loop
         self._waiting = {}
         self._fresh = []
-        self._subscribed = False
         self._watch_task = self._lookup_task = None
         self._decoding = set()
 
@@ -307,6 +307,10 @@ class ResultWatcher:
 
     # -- the background tasks ----------------------------------------------------------
 
+    def _start_watching(self) -> None:
+        if self._watch_task is None and self._waiting:
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch())
+
     async def _watch(self) -> None:
         """Settle waited futures from the broker's notifications, while any waits."""
         me = asyncio.current_task()
@@ -327,8 +331,6 @@ class ResultWatcher:
                     self._fail_all(TaskError("the broker was closed while waiting for results"))
                     return
                 finally:
-                    if self._watch_task in (me, None):  # else a successor subscribes now
-                        self._subscribed = False
                     with anyio.CancelScope(shield=True):
                         await _close_quietly(stream)
                 await anyio.sleep(delay)
@@ -351,10 +353,11 @@ class ResultWatcher:
         # then covers whatever finished before (and what a lookup would have found).
         last_poll = -math.inf
         polling = not self.broker.reads_in_process  # in process, no notice is lost
+        subscribed = False
         async for ids in stream:
-            if not self._subscribed:
-                self._subscribed = True
-                self._fresh.clear()
+            if not subscribed:
+                subscribed = True
+                self._fresh.clear()  # about to be checked
                 due = list(self._waiting)
                 last_poll = time.monotonic()
             elif polling and time.monotonic() - last_poll >= self.POLL_EVERY:
@@ -373,7 +376,8 @@ class ResultWatcher:
         return False
 
     async def _look_up(self) -> None:
-        """Look up ids waited for since the subscription was made (round-trip brokers)."""
+        """Look up newly waited ids (brokers read with a round trip), then watch for
+        those still to finish."""
         delay = 0.1
         try:
             while self._fresh:
@@ -393,6 +397,7 @@ class ResultWatcher:
                         self._fail(invocation_id, exc)
                 else:
                     self._trouble = None
+                self._start_watching()
         finally:
             self._lookup_task = None
 

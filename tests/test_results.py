@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,30 @@ async def test_gathered_results_need_no_task_per_handle(app: App) -> None:
     # The worker's consumers and a few helpers, not one task per awaited handle.
     assert 0 < most_tasks < 60
     assert not app._results._waiting
+
+
+async def test_waiting_for_finished_results_one_by_one_subscribes_to_nothing(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @app.task
+    async def double(x: int) -> int:
+        return 2 * x
+
+    handles = await double.submit_many([{"x": i} for i in range(20)])
+    async with running(app):
+        await asyncio.gather(*(h.result(timeout=30) for h in handles))
+    subscriptions = 0
+    watch_final = app.broker.watch_final
+
+    def counted() -> AsyncGenerator[set[str], None]:
+        nonlocal subscriptions
+        subscriptions += 1
+        return watch_final()
+
+    monkeypatch.setattr(app.broker, "watch_final", counted)
+    # A look-up each (or none in process): no subscription made and dropped per handle.
+    assert [await h.result(timeout=30) for h in handles] == [2 * i for i in range(20)]
+    assert subscriptions == 0
 
 
 async def test_a_result_also_runs_as_a_coroutine(app: App) -> None:
