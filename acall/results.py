@@ -122,9 +122,12 @@ class ResultFuture(asyncio.Future[R], Coroutine[Any, Any, R]):
         return self._iterate().throw(typ, val, tb)  # type: ignore[arg-type]
 
     def close(self) -> None:
-        """Close the coroutine side (the future is left as it is)."""
+        """Close the coroutine side. A wait not over yet is cancelled, as closing a
+        coroutine abandons it (a task group cancelled before the task started)."""
         if self._iterator is not None:
             self._iterator.close()
+        if not self.done():
+            self.cancel()
 
 
 class ResultWatcher:
@@ -134,10 +137,10 @@ class ResultWatcher:
     chain). A background task subscribes to the broker's ``watch_final`` while any
     future waits, checks the ids it reports (and, for brokers whose notifications are
     best effort, every waited id each :attr:`POLL_EVERY` seconds) and settles the
-    futures of those that are final. Brokers read with a round trip also get each new
-    id looked up once, by a second task, since it may have finished before it was
-    waited for. (So waiting for results one at a time, each already final, costs a
-    look-up each, and no subscription.)
+    futures of those that are final. On brokers read with a round trip, a second task
+    first looks each new id up (it may have finished before it was waited for) and
+    starts the subscription only for those still to finish: waiting for results one at
+    a time, each already final, costs a look-up each and no subscription.
     """
 
     POLL_EVERY = 1.0

@@ -123,6 +123,18 @@ async def test_a_result_also_runs_as_a_coroutine(app: App) -> None:
         assert out == ["b"]
 
 
+async def test_closing_a_result_as_a_coroutine_abandons_the_wait(app: App) -> None:
+    @app.task
+    async def never(x: int) -> int:
+        return x
+
+    handle = await never.submit(1)  # no worker: it stays pending
+    waiting = handle.result()
+    waiting.close()  # what anyio does to a coroutine whose task never started
+    assert waiting.cancelled()
+    assert not app._results._waiting
+
+
 async def test_a_timeout_counts_from_the_call_and_the_invocation_goes_on(app: App) -> None:
     gate = anyio.Event()
 
