@@ -50,11 +50,21 @@ class _Entry:
     """One queue entry. ``version`` changes with every state change, which makes the
     heap items pushed for earlier states recognisably stale."""
 
-    __slots__ = ("delivery_count", "invocation_id", "queue", "receipt", "seq", "version")
+    __slots__ = (
+        "delivery_count",
+        "heaps",
+        "invocation_id",
+        "queue",
+        "receipt",
+        "seq",
+        "version",
+    )
 
-    def __init__(self, invocation_id: str, queue: str, seq: int) -> None:
+    def __init__(self, invocation_id: str, queue: str, heaps: _Queue, seq: int) -> None:
         self.invocation_id = invocation_id
         self.queue = queue
+        #: The queue's heaps (queues are never dropped: no look-up by name each time).
+        self.heaps = heaps
         self.seq = seq
         self.receipt: str | None = None
         self.delivery_count = 0
@@ -180,7 +190,7 @@ class _MemoryData:
     def place(self, entry: _Entry, visible_at: float, now: float) -> None:
         """Record a state change of *entry*: deliverable now, or from *visible_at* on."""
         entry.version += 1
-        queue = self.queue(entry.queue)
+        queue = entry.heaps
         if visible_at <= now:
             heapq.heappush(queue.ready, (entry.seq, entry.version, entry.invocation_id))
         else:
@@ -188,8 +198,9 @@ class _MemoryData:
 
     def enqueue(self, invocation_id: str, queue: str, visible_at: float, now: float) -> None:
         self.next_seq += 1
-        entry = self.entries[invocation_id] = _Entry(invocation_id, queue, self.next_seq)
-        self.queue(queue).size += 1
+        heaps = self.queue(queue)
+        entry = self.entries[invocation_id] = _Entry(invocation_id, queue, heaps, self.next_seq)
+        heaps.size += 1
         self.place(entry, visible_at, now)
 
     def requeue(self, entry: _Entry, visible_at: float, now: float) -> None:
@@ -202,7 +213,7 @@ class _MemoryData:
 
     def remove(self, entry: _Entry) -> None:
         del self.entries[entry.invocation_id]
-        queue = self.queue(entry.queue)
+        queue = entry.heaps
         queue.size -= 1
         # Every delivery leaves a visibility item in `waiting` that goes stale when the
         # entry is finished, and is otherwise only dropped when it comes due (after the
@@ -243,26 +254,36 @@ class _MemoryData:
                     heapq.heappush(queue.ready, (entry.seq, version, invocation_id))
         taken: list[Delivery] = []
         wall_now = time.time()
+        entries = self.entries
+        records = self.records
+        receipts = self.receipts
+        visible_at = now + visibility_timeout
         while len(taken) < max_items:
             best: _Queue | None = None
             for queue in queues:
-                while queue.ready and self.current(queue.ready[0][2], queue.ready[0][1]) is None:
-                    heapq.heappop(queue.ready)
-                if queue.ready and (best is None or queue.ready[0] < best.ready[0]):
+                ready = queue.ready
+                while ready:  # drop stale items from the top
+                    _, version, invocation_id = ready[0]
+                    found = entries.get(invocation_id)
+                    if found is not None and found.version == version:
+                        break
+                    heapq.heappop(ready)
+                if ready and (best is None or ready[0] < best.ready[0]):
                     best = queue
             if best is None:
                 break
-            entry = self.entries[heapq.heappop(best.ready)[2]]
-            entry.receipt = f"r{next(self.receipts)}"
+            invocation_id = heapq.heappop(best.ready)[2]
+            entry = entries[invocation_id]
+            entry.receipt = receipt = f"r{next(receipts)}"
             entry.delivery_count += 1
-            self.place(entry, now + visibility_timeout, now)
-            record = self.record(entry.invocation_id)
-            if record is not None and not record.status.is_final:
-                record = self.records[entry.invocation_id] = claimed(record, consumer, wall_now)
+            self.place(entry, visible_at, now)
+            record = records.get(invocation_id)
+            if record is None:
+                record = self.record(invocation_id)  # archived (finished), or gone
+            elif not record.status.is_final:
+                record = records[invocation_id] = claimed(record, consumer, wall_now)
             taken.append(
-                make_delivery(
-                    entry.invocation_id, entry.queue, entry.receipt, entry.delivery_count, record
-                )
+                make_delivery(invocation_id, entry.queue, receipt, entry.delivery_count, record)
             )
         return taken
 
