@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
@@ -539,6 +539,35 @@ def _refuse_clash(spec: TaskSpec, common: Mapping[str, Any], own: Mapping[str, A
         )
 
 
+def _bind_batch(
+    spec: TaskSpec,
+    common_args: Mapping[str, Any],
+    common_serialized: Mapping[str, str],
+    per_call: Iterable[Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """The own arguments of each call of a batch, bound and checked."""
+    owns = []
+    # Calls of a batch mostly pass the same names: the checks and the binding are
+    # done once per set of names, giving a template (signature order, defaults
+    # filled) that each call copies and fills with its own values.
+    templates: dict[tuple[str, ...], dict[str, Any]] = {}
+    for own in per_call:
+        names = tuple(own)
+        template = templates.get(names)
+        if template is None:
+            # Before binding: merged into one mapping, a clash would go unnoticed.
+            _refuse_clash(spec, common_args, own)
+            bound = spec.bind((), {**common_args, **own})
+            others = {k: v for k, v in bound.items() if k not in common_serialized}
+            if spec.binds_by_name:
+                templates[names] = others.copy()  # the call owns others
+        else:
+            others = template.copy()
+            others.update(own)
+        owns.append(others)
+    return owns
+
+
 class PreSerializedCall(Call[R]):
     """A call of a batch whose common arguments were serialized once.
 
@@ -603,26 +632,33 @@ class PreSerializedCall(Call[R]):
         signature with defaults applied. Nothing per call is serialized yet.
         """
         common_serialized = await cls.serialize_common(spec, codec, common_args)
-        calls = []
-        # Calls of a batch mostly pass the same names: the checks and the binding are
-        # done once per set of names, giving a template (signature order, defaults
-        # filled) that each call copies and fills with its own values.
-        templates: dict[tuple[str, ...], dict[str, Any]] = {}
-        for own in per_call:
-            names = tuple(own)
-            template = templates.get(names)
-            if template is None:
-                # Before binding: merged into one mapping, a clash would go unnoticed.
-                _refuse_clash(spec, common_args, own)
-                bound = spec.bind((), {**common_args, **own})
-                others = {k: v for k, v in bound.items() if k not in common_serialized}
-                if spec.binds_by_name:
-                    templates[names] = others.copy()  # the call owns others
-            else:
-                others = template.copy()
-                others.update(own)
-            calls.append(cls._of_batch(spec, codec, common_serialized, others))
-        return calls
+        return [
+            cls._of_batch(spec, codec, common_serialized, own)
+            for own in _bind_batch(spec, common_args, common_serialized, per_call)
+        ]
+
+    @classmethod
+    async def batch_chunks(
+        cls,
+        spec: TaskSpec,
+        codec: OffloadCodec,
+        common_args: Mapping[str, Any],
+        per_call: Iterable[Mapping[str, Any]],
+        *,
+        size: int,
+    ) -> Iterator[list[PreSerializedCall[R]]]:
+        """:meth:`batch` in lists of at most *size* calls, each list made when it is
+        taken: a batch of 100,000 does not hold 100,000 call objects at once.
+
+        Every mapping is bound and checked before this returns, so a bad one raises
+        before any call is made.
+        """
+        common_serialized = await cls.serialize_common(spec, codec, common_args)
+        owns = _bind_batch(spec, common_args, common_serialized, per_call)
+        return (
+            [cls._of_batch(spec, codec, common_serialized, own) for own in owns[i : i + size]]
+            for i in range(0, len(owns), size)
+        )
 
     def _names_in_order(self) -> list[str]:
         names = list(self._common)

@@ -28,6 +28,7 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -464,13 +465,13 @@ class Task(Generic[P, R]):
         *common_args* are serialized (and offloaded) once and shared by every call.
         Records are enqueued in batches (one round trip per batch).
         """
-        calls: list[PreSerializedCall[R]] = await PreSerializedCall.batch(
-            self.spec, self.app.codec, common_args or {}, list(params)
+        chunks: Iterator[list[PreSerializedCall[R]]] = await PreSerializedCall.batch_chunks(
+            self.spec, self.app.codec, common_args or {}, params, size=_SUBMIT_BATCH
         )
         handles: list[InvocationHandle[R]] = []
-        for start in range(0, len(calls), _SUBMIT_BATCH):
+        for calls in chunks:
             records = []
-            for call in calls[start : start + _SUBMIT_BATCH]:
+            for call in calls:
                 await call.serialize()
                 dedup_key = await self._dedup_key(call)
                 records.append(self._record(call, _queue, _delay, _timeout, dedup_key))

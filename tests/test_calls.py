@@ -358,6 +358,27 @@ async def test_preserialized_batch_shares_common_arguments(store: CountingStore)
     assert calls[3].arg_keys == {"user_id", "region", "frame"}
 
 
+async def test_preserialized_batch_in_chunks(codec: OffloadCodec) -> None:
+    """batch_chunks gives batch()'s calls in lists of at most *size*, each made when it
+    is taken, after every mapping was checked."""
+    spec = TaskSpec(keyed)
+    per_call: list[dict[str, Any]] = [{"user_id": i, "region": "eu"} for i in range(7)]
+    chunks = await PreSerializedCall.batch_chunks(spec, codec, {"frame": 1}, per_call, size=3)
+    first = next(chunks)
+    assert len(first) == 3
+    rest = list(chunks)
+    assert [len(c) for c in rest] == [3, 1]
+    whole = await PreSerializedCall.batch(spec, codec, {"frame": 1}, per_call)
+    for chunked, made in zip([*first, *rest[0], *rest[1]], whole, strict=True):
+        await chunked.serialize()
+        await made.serialize()
+        assert chunked.call_id == made.call_id
+    # A bad mapping anywhere raises before any list is made.
+    bad = [*per_call, {"user_id": 1, "nope": 2}]
+    with pytest.raises(InvalidArgumentsError):
+        await PreSerializedCall.batch_chunks(spec, codec, {"frame": 1}, bad, size=3)
+
+
 async def test_preserialized_batch_rejects_clashing_arguments(codec: OffloadCodec) -> None:
     with pytest.raises(InvalidArgumentsError, match="both as common and per-call"):
         await PreSerializedCall.batch(
