@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -363,12 +364,16 @@ async def test_preserialized_batch_in_chunks(codec: OffloadCodec) -> None:
     is taken, after every mapping was checked."""
     spec = TaskSpec(keyed)
     per_call: list[dict[str, Any]] = [{"user_id": i, "region": "eu"} for i in range(7)]
-    chunks = await PreSerializedCall.batch_chunks(spec, codec, {"frame": 1}, per_call, size=3)
+    chunks: Iterator[list[PreSerializedCall[Any]]] = await PreSerializedCall.batch_chunks(
+        spec, codec, {"frame": 1}, per_call, size=3
+    )
     first = next(chunks)
     assert len(first) == 3
     rest = list(chunks)
     assert [len(c) for c in rest] == [3, 1]
-    whole = await PreSerializedCall.batch(spec, codec, {"frame": 1}, per_call)
+    whole: list[PreSerializedCall[Any]] = await PreSerializedCall.batch(
+        spec, codec, {"frame": 1}, per_call
+    )
     for chunked, made in zip([*first, *rest[0], *rest[1]], whole, strict=True):
         await chunked.serialize()
         await made.serialize()
