@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import inspect
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
@@ -631,11 +632,8 @@ class PreSerializedCall(Call[R]):
         Each call's arguments are the common ones updated with its own, bound to the
         signature with defaults applied. Nothing per call is serialized yet.
         """
-        common_serialized = await cls.serialize_common(spec, codec, common_args)
-        return [
-            cls._of_batch(spec, codec, common_serialized, own)
-            for own in _bind_batch(spec, common_args, common_serialized, per_call)
-        ]
+        chunks = await cls.batch_chunks(spec, codec, common_args, per_call, size=sys.maxsize)
+        return next(chunks, [])
 
     @classmethod
     async def batch_chunks(

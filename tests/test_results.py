@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 
-from acall import App, ResultFuture, ResultTimeoutError, TaskError, Worker
+from acall import App, ResultFuture, ResultTimeoutError, Task, TaskError, Worker
 from acall.dto import new_invocation_id
 from acall.errors import BrokerError
 
@@ -135,15 +135,21 @@ async def test_closing_a_result_as_a_coroutine_abandons_the_wait(app: App) -> No
     assert not app._results._waiting
 
 
-async def test_a_timeout_counts_from_the_call_and_the_invocation_goes_on(app: App) -> None:
+def gated_task(app: App) -> tuple[anyio.Event, Task[Any, int]]:
+    """A task that returns its argument once the event is set."""
     gate = anyio.Event()
 
     @app.task
     async def gated(x: int) -> int:
         await gate.wait()
-        return x + 1
+        return x
 
-    handle = await gated.submit(1)
+    return gate, gated
+
+
+async def test_a_timeout_counts_from_the_call_and_the_invocation_goes_on(app: App) -> None:
+    gate, gated = gated_task(app)
+    handle = await gated.submit(2)
     async with running(app):
         pending = handle.result(timeout=0.2)
         await anyio.sleep(0.3)  # the time is up before anybody awaits it
@@ -156,13 +162,7 @@ async def test_a_timeout_counts_from_the_call_and_the_invocation_goes_on(app: Ap
 
 
 async def test_cancelled_waits_leave_and_end_the_subscription(app: App) -> None:
-    gate = anyio.Event()
-
-    @app.task
-    async def gated(x: int) -> int:
-        await gate.wait()
-        return x
-
+    gate, gated = gated_task(app)
     handle = await gated.submit(7)
     async with running(app):
         futures = [handle.result() for _ in range(3)]
