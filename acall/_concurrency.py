@@ -194,13 +194,9 @@ class GroupCommit(Generic[T, R]):
         self._pending: list[_Pending[T, R]] = []
         self._writing = False
 
-    async def submit(self, item: T, wake: Wakeup | None = None) -> R:
-        """Write *item* (in some batch) and return its result.
-
-        :param wake: the caller's own wake-up call, if it has one to lend while it
-            waits here (one object less per waiting caller).
-        """
-        entry: _Pending[T, R] = _Pending(item, Wakeup() if wake is None else wake)
+    async def submit(self, item: T) -> R:
+        """Write *item* (in some batch) and return its result."""
+        entry: _Pending[T, R] = _Pending(item, Wakeup())
         pending = self._pending
         pending.append(entry)
         try:
