@@ -47,6 +47,18 @@ async def running(app: App) -> AsyncIterator[Worker]:
             worker.stop()
 
 
+def gated_task(app: App) -> tuple[anyio.Event, Task[Any, int]]:
+    """A task that returns its argument once the event is set."""
+    gate = anyio.Event()
+
+    @app.task
+    async def gated(x: int) -> int:
+        await gate.wait()
+        return x
+
+    return gate, gated
+
+
 async def test_gathered_results_need_no_task_per_handle(app: App) -> None:
     @app.task
     async def double(x: int) -> int:
@@ -124,27 +136,12 @@ async def test_a_result_also_runs_as_a_coroutine(app: App) -> None:
 
 
 async def test_closing_a_result_as_a_coroutine_abandons_the_wait(app: App) -> None:
-    @app.task
-    async def never(x: int) -> int:
-        return x
-
-    handle = await never.submit(1)  # no worker: it stays pending
+    _, gated = gated_task(app)
+    handle = await gated.submit(1)  # no worker: it stays pending
     waiting = handle.result()
     waiting.close()  # what anyio does to a coroutine whose task never started
     assert waiting.cancelled()
     assert not app._results._waiting
-
-
-def gated_task(app: App) -> tuple[anyio.Event, Task[Any, int]]:
-    """A task that returns its argument once the event is set."""
-    gate = anyio.Event()
-
-    @app.task
-    async def gated(x: int) -> int:
-        await gate.wait()
-        return x
-
-    return gate, gated
 
 
 async def test_a_timeout_counts_from_the_call_and_the_invocation_goes_on(app: App) -> None:
@@ -191,11 +188,8 @@ async def test_an_unknown_invocation_fails_the_wait(app: App) -> None:
 
 
 async def test_closing_the_broker_fails_the_waits(app: App) -> None:
-    @app.task
-    async def never(x: int) -> int:
-        return x
-
-    handle = await never.submit(1)  # no worker: it stays pending
+    _, gated = gated_task(app)
+    handle = await gated.submit(1)  # no worker: it stays pending
     pending = handle.result()
     await anyio.sleep(0.2)  # subscribed
     await app.broker.close()
