@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
+from anyio.lowlevel import checkpoint
 
 from acall.brokers.base import Broker
 from acall.codec import THREAD_MIN_CHARS
@@ -338,14 +339,10 @@ class ResultWatcher:
                         await _close_quietly(stream)
                 await anyio.sleep(delay)
                 delay = min(5.0, delay * 2)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             # No future may wait forever on a watcher that is gone.
             logger.exception("watching results failed")
-            self._fail_all(exc if isinstance(exc, Exception) else TaskError(repr(exc)))
-            if not isinstance(exc, Exception):
-                raise
+            self._fail_all(exc)
         finally:
             if self._watch_task is me:
                 self._watch_task = None
@@ -408,6 +405,9 @@ class ResultWatcher:
         """Settle the futures of those of *ids* that are final; fail those of unknown or
         unreadable ones."""
         for start in range(0, len(ids), _CHECK_BATCH):
+            if start:
+                # In-process reads never wait: let the loop run between batches.
+                await checkpoint()
             chunk = ids[start : start + _CHECK_BATCH]
             for invocation_id, found in zip(chunk, await self._records(chunk), strict=True):
                 if isinstance(found, BaseException):

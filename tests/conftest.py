@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import worker_app as wa
+from helpers import shared_backend_url
 
 from acall import App
 from acall.testing import RedisServer
@@ -55,10 +56,7 @@ def redis_url(redis_server: RedisServer) -> str:
 def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A broker (and store) URL shared across processes: a fresh SQLite file, or an
     empty Redis database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'acall.db'}"
-    url: str = request.getfixturevalue("redis_url")
-    return url
+    return shared_backend_url(request.param, request, tmp_path)
 
 
 @pytest.fixture

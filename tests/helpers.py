@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 
 from acall.dto import (
     RECORD_VERSION,
@@ -111,3 +113,13 @@ class CountingSerializer(JsonSerializer):
     def loads(self, text: str) -> Any:
         self.loaded += 1
         return super().loads(text)
+
+
+def shared_backend_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A broker (and store) URL shared across processes: a fresh SQLite file for
+    ``"sqlite"``, an empty Redis database (from the ``redis_url`` fixture) for
+    ``"redis"``."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'acall.db'}"
+    url: str = request.getfixturevalue("redis_url")
+    return url

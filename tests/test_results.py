@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio
 import pytest
+from helpers import shared_backend_url
 
 from acall import App, ResultFuture, ResultTimeoutError, Task, TaskError, Worker
 from acall.dto import new_invocation_id
@@ -22,10 +23,7 @@ from acall.errors import BrokerError
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return "memory://"
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'results.db'}"
-    found: str = request.getfixturevalue("redis_url")
-    return found
+    return shared_backend_url(request.param, request, tmp_path)
 
 
 @pytest.fixture

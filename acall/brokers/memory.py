@@ -262,12 +262,8 @@ class _MemoryData:
             best: _Queue | None = None
             for queue in queues:
                 ready = queue.ready
-                while ready:  # drop stale items from the top
-                    _, version, invocation_id = ready[0]
-                    found = entries.get(invocation_id)
-                    if found is not None and found.version == version:
-                        break
-                    heapq.heappop(ready)
+                while ready and self.current(ready[0][2], ready[0][1]) is None:
+                    heapq.heappop(ready)  # stale
                 if ready and (best is None or ready[0] < best.ready[0]):
                     best = queue
             if best is None:
