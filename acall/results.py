@@ -414,27 +414,32 @@ class ResultWatcher:
                     self._fail(invocation_id, found)
                 elif found is None:
                     self._fail(invocation_id, _unknown(invocation_id))
-                elif found.status.is_final:
+                elif isinstance(found, InvocationRecord) and found.status.is_final:
                     self._finished(found)
 
-    async def _records(self, ids: list[str]) -> list[InvocationRecord | AcallError | None]:
-        """The records of *ids*. When a batch cannot be read for another reason than an
-        unreachable broker (a malformed record, a closed broker), each id is read alone
-        and gets its own error: one bad record fails only its own waiters."""
+    async def _records(self, ids: list[str]) -> list[_Found]:
+        """The records of *ids* where final (live ones may be given as their status).
+        When a batch cannot be read for another reason than an unreachable broker (a
+        malformed record, a closed broker), each id is read alone and gets its own
+        error: one bad record fails only its own waiters."""
         broker = self.broker
         try:
             if broker.reads_in_process:
                 return [broker.get_now(i) for i in ids]
-            return list(await broker.get_many(ids))
+            return list(await broker.get_final_many(ids))
         except BrokerUnavailableError:
             raise
         except AcallError as exc:
             if len(ids) == 1:
                 return [exc]
-            found: list[InvocationRecord | AcallError | None] = []
+            found: list[_Found] = []
             for invocation_id in ids:
                 found.extend(await self._records([invocation_id]))
             return found
+
+
+#: What the watcher reads for one id: a record, a live status, an error, or unknown.
+_Found = InvocationRecord | InvocationStatus | AcallError | None
 
 
 def _disarm(future: ResultFuture[Any]) -> None:

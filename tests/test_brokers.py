@@ -173,6 +173,25 @@ async def test_get_many_keeps_order_with_unknown_ids(broker: Broker) -> None:
     assert await broker.get_many([]) == []
 
 
+async def test_get_final_many_gives_final_records_and_live_statuses(broker: Broker) -> None:
+    pending, running, retrying, done = (_record() for _ in range(4))
+    retrying = attrs.evolve(retrying, status=InvocationStatus.RETRYING, attempt=1)
+    await broker.submit_many([pending, running, retrying, done])
+    (delivery,) = await _receive(broker, max_items=1)  # `pending` is the first in line
+    await broker.update(attrs.evolve(done, status=SUCCESS, attempt=1, result="42"))
+    unknown = new_invocation_id()
+    ids = [p.invocation_id for p in (pending, running, retrying, done)] + [unknown]
+    got = await broker.get_final_many(ids)
+    assert delivery.invocation_id == pending.invocation_id
+    assert got[:3] == [InvocationStatus.RUNNING, PENDING, InvocationStatus.RETRYING]
+    assert got[3:] == [await broker.get(done.invocation_id), None]
+    assert isinstance(got[3], InvocationRecord)
+    assert got[3].result == "42"
+    assert await broker.get_final_many([]) == []
+    with pytest.raises(InvalidKeyError):
+        await broker.get_final_many(["not an id"])
+
+
 async def test_resubmitting_an_id_changes_nothing(broker: Broker) -> None:
     record = _record()
     await broker.submit(record)

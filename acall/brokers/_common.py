@@ -49,6 +49,26 @@ _MAX_DEDUP_KEY: Final = 1024
 _MAX_CONSUMER: Final = 256
 
 
+# The head of a record's JSON text with a live status, up to the status value.
+_STATUS_HEAD: Final = '{"status":"'
+_LIVE_STATUS: Final = {s.value: s for s in InvocationStatus if not s.is_final}
+_HEAD_CHARS: Final = len(_STATUS_HEAD) + max(map(len, _LIVE_STATUS)) + 2
+
+
+def live_status(text: str | bytes) -> InvocationStatus | None:
+    """The live status a record's JSON text starts with, or ``None`` (a final status,
+    or a text that does not start with its status member)."""
+    head = text[:_HEAD_CHARS]
+    if isinstance(head, bytes):
+        head = head.decode("latin-1")
+    if not head.startswith(_STATUS_HEAD):
+        return None
+    end = head.find('"', len(_STATUS_HEAD))
+    if end < 0 or head[end + 1 : end + 2] != ",":
+        return None
+    return _LIVE_STATUS.get(head[len(_STATUS_HEAD) : end])
+
+
 def check_name(value: object, what: str) -> str:
     """Return *value* if it is a valid invocation id or queue name, else raise.
 
@@ -211,14 +231,29 @@ class BrokerBase(Broker):
 
     async def get_many(self, invocation_ids: Sequence[str]) -> list[InvocationRecord | None]:
         """Records of several invocations in one round trip, in the given order."""
+        ids = self._checked_ids(invocation_ids)
+        return await self._get_many(ids) if ids else []
+
+    async def get_final_many(
+        self, invocation_ids: Sequence[str]
+    ) -> list[InvocationRecord | InvocationStatus | None]:
+        """For each id, in order: its record if it is final, its status if it is not,
+        ``None`` if unknown (one round trip)."""
+        ids = self._checked_ids(invocation_ids)
+        return [
+            found.status
+            if isinstance(found, InvocationRecord) and not found.status.is_final
+            else found
+            for found in (await self._get_final_many(ids) if ids else [])
+        ]
+
+    def _checked_ids(self, invocation_ids: Sequence[str]) -> list[str]:
         ids = [
             check_name(invocation_id, "invocation id")
             for invocation_id in _check_sequence(invocation_ids, "invocation ids")
         ]
         self._check_open()
-        if not ids:
-            return []
-        return await self._get_many(ids)
+        return ids
 
     async def find_by_call(self, call_key: str, limit: int = 100) -> list[InvocationRecord]:
         """Records of the invocations of one call, oldest submission first.
@@ -427,6 +462,19 @@ class BrokerBase(Broker):
                 f"or was written by an incompatible program: {exc}"
             ) from exc
 
+    def _decode_unless_live(
+        self, text: str | bytes, invocation_id: str
+    ) -> InvocationRecord | InvocationStatus:
+        """The live status a stored record's text starts with, else the record parsed.
+
+        acall writes a record's status first (:data:`acall.dto.RECORD_HEAD`): a waiter
+        polling a thousand pending records then reads a few bytes of each instead of
+        parsing and validating them all. A text that does not start that way (a final
+        record, another layout, a damaged one) is parsed, and a damaged one reported.
+        """
+        status = live_status(text)
+        return status if status is not None else self._decode(text, invocation_id)
+
     def _decode_scanned(self, text: str | bytes, invocation_id: str) -> ScannedRecord:
         """Parse a record met by ``scan_records``; a damaged one becomes a DamagedRecord."""
         try:
@@ -456,6 +504,13 @@ class BrokerBase(Broker):
     @abc.abstractmethod
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
         """Return records in order, ``None`` for unknown ids."""
+
+    async def _get_final_many(
+        self, invocation_ids: list[str]
+    ) -> list[InvocationRecord | InvocationStatus | None]:
+        """Like :meth:`_get_many`, where a live record may be given as its status alone
+        (see :meth:`_decode_unless_live`)."""
+        return list(await self._get_many(invocation_ids))
 
     @abc.abstractmethod
     async def _find_by_call(self, call_key: str, limit: int) -> list[InvocationRecord]:

@@ -1208,12 +1208,30 @@ class RedisBroker(BrokerBase):
         ]
 
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
-        keys = [f"{self.prefix}inv:{invocation_id}" for invocation_id in invocation_ids]
-        texts = await self._call(f"read {len(keys)} records", lambda: self._client.mget(keys))
         return [
             None if text is None else self._decode(text, invocation_id)
-            for invocation_id, text in zip(invocation_ids, texts, strict=True)
+            for invocation_id, text in zip(
+                invocation_ids, await self._texts(invocation_ids), strict=True
+            )
         ]
+
+    async def _get_final_many(
+        self, invocation_ids: list[str]
+    ) -> list[InvocationRecord | InvocationStatus | None]:
+        return [
+            None if text is None else self._decode_unless_live(text, invocation_id)
+            for invocation_id, text in zip(
+                invocation_ids, await self._texts(invocation_ids), strict=True
+            )
+        ]
+
+    async def _texts(self, invocation_ids: list[str]) -> list[bytes | str | None]:
+        """The stored texts of the records of *invocation_ids* (one MGET)."""
+        keys = [f"{self.prefix}inv:{invocation_id}" for invocation_id in invocation_ids]
+        texts: list[bytes | str | None] = await self._call(
+            f"read {len(keys)} records", lambda: self._client.mget(keys)
+        )
+        return texts
 
     async def _update(self, record: InvocationRecord) -> bool:
         args = [

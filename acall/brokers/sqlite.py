@@ -55,6 +55,7 @@ from acall.stores.base import store_options, validate_ttl
 __all__ = ["SqliteBroker"]
 
 _T = TypeVar("_T")
+_Read = TypeVar("_Read", InvocationRecord, InvocationRecord | InvocationStatus)
 
 _SCHEMA: Final = (
     "CREATE TABLE IF NOT EXISTS acall_invocations ("
@@ -238,10 +239,21 @@ class SqliteBroker(BrokerBase):
         return await self._run(op, f"submit {len(records)} invocations")
 
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
+        return await self._read(invocation_ids, self._decode)
+
+    async def _get_final_many(
+        self, invocation_ids: list[str]
+    ) -> list[InvocationRecord | InvocationStatus | None]:
+        return await self._read(invocation_ids, self._decode_unless_live)
+
+    async def _read(
+        self, invocation_ids: list[str], decode: Callable[[str, str], _Read]
+    ) -> list[_Read | None]:
+        """``decode(record text, id)`` for each of *invocation_ids*, ``None`` if unknown."""
         unique = list(dict.fromkeys(invocation_ids))
 
-        def op(conn: sqlite3.Connection) -> dict[str, InvocationRecord]:
-            found: dict[str, InvocationRecord] = {}
+        def op(conn: sqlite3.Connection) -> dict[str, _Read]:
+            found: dict[str, _Read] = {}
             several = len(unique) > IN_CHUNK
             if several:
                 conn.execute("BEGIN")  # one snapshot across the chunked SELECTs
@@ -251,7 +263,7 @@ class SqliteBroker(BrokerBase):
                     f"({','.join('?' * len(chunk))})",
                     tuple(chunk),
                 ).fetchall()
-                found.update((row[0], self._decode(row[1], row[0])) for row in rows)
+                found.update((row[0], decode(row[1], row[0])) for row in rows)
             if several:
                 conn.execute("COMMIT")
             return found
