@@ -82,6 +82,7 @@ async def _run_worker(args: argparse.Namespace) -> None:
         worker = Worker(
             app,
             concurrency=args.concurrency,
+            prefetch=args.prefetch,
             queues=queues,
             visibility_timeout=args.visibility_timeout,
             grace_period=args.grace_period,
@@ -159,6 +160,11 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--broker", help="broker URL (overrides the app's)")
     worker.add_argument("--store", help="data store URL (default: the broker's)")
     worker.add_argument("--concurrency", type=int, default=16, help="invocations at once")
+    worker.add_argument(
+        "--prefetch",
+        type=int,
+        help="entries held beyond the running ones (default: as many as --concurrency)",
+    )
     worker.add_argument("--queues", help="comma-separated queues (default: all of the app's)")
     worker.add_argument("--visibility-timeout", type=float, default=30.0)
     worker.add_argument("--grace-period", type=float, default=30.0)

@@ -187,8 +187,11 @@ def _invoke_in_thread(task: Task[Any, Any], arguments: dict[str, Any]) -> Any:
 class Worker:
     """Runs invocations of *app*'s tasks.
 
-    :param concurrency: invocations running at once (and entries taken at once: the
-        prefetch is bounded by the free slots, so a long queue never loads into memory).
+    :param concurrency: invocations running at once.
+    :param prefetch: entries held beyond those running, ready for the next free
+        consumer (default: as many as *concurrency*). Taking entries in larger batches
+        saves broker round trips; what a worker holds stays bounded, so a long queue
+        never loads into memory. Entries not started when the worker stops go back.
     :param queues: queues to consume (default: every queue of the app's tasks).
     :param threads: threads for plain (non-async) task functions (default: concurrency).
     :param visibility_timeout: seconds an entry stays invisible to other workers; it is
@@ -207,6 +210,7 @@ class Worker:
         app: App,
         *,
         concurrency: int = 16,
+        prefetch: int | None = None,
         queues: Sequence[str] | None = None,
         threads: int | None = None,
         visibility_timeout: float = 30.0,
@@ -219,8 +223,11 @@ class Worker:
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
+        if prefetch is not None and prefetch < 0:
+            raise ValueError("prefetch must be >= 0")
         self.app = app
         self.concurrency = concurrency
+        self.prefetch = concurrency if prefetch is None else prefetch
         self.queues = (
             tuple(queues)
             if queues
@@ -298,6 +305,9 @@ class Worker:
                         try:
                             await self._receive_loop()
                         finally:
+                            if self._queue:  # taken, not started: back to the broker
+                                with anyio.CancelScope(shield=True):
+                                    await self._give_back_waiting()
                             self._no_more_work = True
                             while self._idle:
                                 self._wake_one()
@@ -357,18 +367,31 @@ class Worker:
         self._slot_freed.set()
 
     async def _give_back_all(self, deliveries: list[Delivery]) -> None:
+        await self._release(deliveries)
+        self._inflight.clear()
+
+    async def _give_back_waiting(self) -> None:
+        """Hand back the entries taken but not started (the prefetched ones)."""
+        waiting = list(self._queue)
+        self._queue.clear()
+        await self._release(waiting)
+        for delivery in waiting:
+            self._inflight.pop(delivery.receipt, None)
+        self._slot_freed.set()
+
+    async def _release(self, deliveries: list[Delivery]) -> None:
         try:
             await self.app.broker.release(deliveries)
             self.stats.released += len(deliveries)
         except Exception:
             logger.exception("could not hand back %d entries", len(deliveries))
-        self._inflight.clear()
 
     async def _receive_loop(self) -> None:
         # Receiving is never cancelled half-way (it waits at most poll_wait), so no entry
         # is taken and then forgotten: what arrives after a stop request goes back.
+        held = self.concurrency + self.prefetch
         while not self._stopping.is_set():
-            free = self.concurrency - len(self._inflight)
+            free = held - len(self._inflight)
             if free <= 0:
                 self._slot_freed = anyio.Event()
                 if not self._stopping.is_set():

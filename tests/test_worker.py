@@ -225,6 +225,35 @@ async def test_concurrency_bounds_running_and_prefetched(app: App) -> None:
     del app.tasks[probe.key]
 
 
+async def test_prefetched_entries_are_bounded_and_go_back_unstarted_on_stop(app: App) -> None:
+    first = Worker(
+        app, handle_signals=False, poll_wait=0.05, concurrency=2, prefetch=3, grace_period=10
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        handles = [await wa.slow_square.submit(i, 0.5) for i in range(10)]
+        with anyio.fail_after(5):
+            while first.stats.received < 5:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.2)  # a worker holding more would have taken more by now
+        assert first.stats.received == 5
+        first.stop()
+    # The two running finished within the grace period; the three waiting went back.
+    assert (first.stats.succeeded, first.stats.released) == (2, 3)
+    assert first.stats.received == 5
+
+    async def body() -> None:
+        assert [await h.result(timeout=20) for h in handles] == [i * i for i in range(10)]
+
+    second = await _with_worker(app, body, concurrency=10, prefetch=0)
+    assert second.stats.succeeded == 8
+
+
+def test_prefetch_must_not_be_negative(app: App) -> None:
+    with pytest.raises(ValueError, match="prefetch"):
+        Worker(app, prefetch=-1)
+
+
 async def test_dedup_returns_the_pending_invocation(app: App) -> None:
     @app.task(name="dedup_probe", concurrency=ConcurrencyMode.ARGUMENTS)
     async def dedup_probe(x: int) -> int:
