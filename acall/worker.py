@@ -12,8 +12,9 @@ worker dies, the entry becomes deliverable again when the timeout passes and ano
 worker runs it. An invocation already final when (re)delivered is acknowledged without
 running again.
 
-On SIGINT/SIGTERM the worker stops taking work, lets running invocations finish within
-a grace period, then cancels what is left and hands those entries back to the broker.
+On SIGINT/SIGTERM the worker stops taking work and hands back the entries it holds but
+has not started (its prefetch), lets running invocations finish within a grace period,
+then cancels what is left and hands those entries back to the broker.
 """
 
 from __future__ import annotations

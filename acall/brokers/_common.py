@@ -470,7 +470,8 @@ class BrokerBase(Broker):
         acall writes a record's status first (:data:`acall.dto.RECORD_HEAD`): a waiter
         polling a thousand pending records then reads a few bytes of each instead of
         parsing and validating them all. A text that does not start that way (a final
-        record, another layout, a damaged one) is parsed, and a damaged one reported.
+        record, another layout, a damaged one) is parsed, and a damaged one reported;
+        one damaged past its head reads as live until a worker claims it (and logs it).
         """
         status = live_status(text)
         return status if status is not None else self._decode(text, invocation_id)
