@@ -276,18 +276,12 @@ class App:
         return self.tasks.get(key)
 
     def enqueue(self, record: InvocationRecord) -> Awaitable[InvocationRecord]:
-        """Store and enqueue one record; concurrent calls share one broker round trip
-        (in-process brokers, which have none, store each at once).
+        """Store and enqueue one record; concurrent calls share one broker round trip.
 
         ``await app.enqueue(record)`` returns the stored record, or the existing one it
         was deduplicated against. (Not a coroutine function itself: it returns the
         batching submitter's coroutine, one frame less on every submission's path.)
         """
-        broker = self.broker
-        if broker.reads_in_process:
-            # No round trip to share: batching would only add its own bookkeeping (3% of
-            # a no-op task's instructions from 50 submitters on the memory broker).
-            return broker.submit(record)
         # Submitting an invocation id again is harmless (the broker keeps the first),
         # so a batch whose writing task was cancelled is simply written again.
         return self._submitter.submit(record)
