@@ -15,6 +15,7 @@ import worker_app as wa
 from acall import (
     App,
     BlobNotFoundError,
+    InvocationHandle,
     InvocationStatus,
     RemoteTaskError,
     ResultTimeoutError,
@@ -225,19 +226,29 @@ async def test_concurrency_bounds_running_and_prefetched(app: App) -> None:
     del app.tasks[probe.key]
 
 
+async def _stop_once_taken(
+    worker: Worker, submitted: int, seconds: float, taken: int, settle: float = 0.0
+) -> list[InvocationHandle[int]]:
+    """Run *worker* on *submitted* slow squares of *seconds* each; stop it once it has
+    taken *taken* entries and, *settle* seconds later, still no more."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        handles = [await wa.slow_square.submit(i, seconds) for i in range(submitted)]
+        with anyio.fail_after(5):
+            while worker.stats.received < taken:
+                await anyio.sleep(0.01)
+        await anyio.sleep(settle)
+        assert worker.stats.received == taken
+        worker.stop()
+    return handles
+
+
 async def test_prefetched_entries_are_bounded_and_go_back_unstarted_on_stop(app: App) -> None:
     first = Worker(
         app, handle_signals=False, poll_wait=0.05, concurrency=2, prefetch=3, grace_period=10
     )
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(first.run)
-        handles = [await wa.slow_square.submit(i, 0.5) for i in range(10)]
-        with anyio.fail_after(5):
-            while first.stats.received < 5:
-                await anyio.sleep(0.01)
-        await anyio.sleep(0.2)  # a worker holding more would have taken more by now
-        assert first.stats.received == 5
-        first.stop()
+    # A worker holding more than 2 + 3 would have taken more within 0.2 s.
+    handles = await _stop_once_taken(first, 10, 0.5, taken=5, settle=0.2)
     # The two running finished within the grace period; the three waiting went back.
     assert (first.stats.succeeded, first.stats.released) == (2, 3)
     assert first.stats.received == 5
@@ -279,26 +290,14 @@ async def test_dedup_returns_the_pending_invocation(app: App) -> None:
 
 async def test_graceful_stop_finishes_running_work(app: App) -> None:
     worker = Worker(app, handle_signals=False, poll_wait=0.05, concurrency=4, grace_period=5)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(worker.run)
-        handles = [await wa.slow_square.submit(i, 0.3) for i in range(4)]
-        with anyio.fail_after(5):
-            while worker.stats.received < 4:
-                await anyio.sleep(0.01)
-        worker.stop()
+    handles = await _stop_once_taken(worker, 4, 0.3, taken=4)
     assert worker.stats.succeeded == 4
     assert [await h.result(timeout=1) for h in handles] == [0, 1, 4, 9]
 
 
 async def test_grace_period_over_hands_work_back(app: App) -> None:
     first = Worker(app, handle_signals=False, poll_wait=0.05, concurrency=2, grace_period=0.1)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(first.run)
-        handles = [await wa.slow_square.submit(i, 1.0) for i in range(2)]
-        with anyio.fail_after(5):
-            while first.stats.received < 2:
-                await anyio.sleep(0.01)
-        first.stop()
+    handles = await _stop_once_taken(first, 2, 1.0, taken=2)
     assert first.stats.released == 2
     assert {await h.status() for h in handles} == {InvocationStatus.PENDING}
 
