@@ -247,8 +247,9 @@ async def test_prefetched_entries_are_bounded_and_go_back_unstarted_on_stop(app:
     first = Worker(
         app, handle_signals=False, poll_wait=0.05, concurrency=2, prefetch=3, grace_period=10
     )
-    # A worker holding more than 2 + 3 would have taken more within 0.2 s.
-    handles = await _stop_once_taken(first, 10, 0.5, taken=5, settle=0.2)
+    # A worker holding more than 2 + 3 would have taken more within 0.2 s; the tasks
+    # last 1 s, so the two running ones are still running then.
+    handles = await _stop_once_taken(first, 10, 1.0, taken=5, settle=0.2)
     # The two running finished within the grace period; the three waiting went back.
     assert (first.stats.succeeded, first.stats.released) == (2, 3)
     assert first.stats.received == 5
