@@ -469,11 +469,12 @@ class Task(Generic[P, R]):
             self.spec, self.app.codec, common_args or {}, params, size=_SUBMIT_BATCH
         )
         handles: list[InvocationHandle[R]] = []
+        dedup_free = self.options.concurrency is ConcurrencyMode.DISABLED
         for calls in chunks:
             records = []
             for call in calls:
                 await call.serialize()
-                dedup_key = await self._dedup_key(call)
+                dedup_key = None if dedup_free else await self._dedup_key(call)
                 records.append(self._record(call, _queue, _delay, _timeout, dedup_key))
             stored = await self.app.broker.submit_many(records)
             handles.extend(

@@ -94,6 +94,7 @@ from acall.stores.base import KEY_PATTERN, validate_ttl
 __all__ = ["CONSUMER_GROUP", "DEFAULT_PREFIX", "RedisBroker"]
 
 _T = TypeVar("_T")
+_Read = TypeVar("_Read", InvocationRecord, InvocationRecord | InvocationStatus)
 
 #: The consumer group every acall worker reads the queue streams with.
 CONSUMER_GROUP: Final = "acall-workers"
@@ -1231,30 +1232,24 @@ class RedisBroker(BrokerBase):
         ]
 
     async def _get_many(self, invocation_ids: list[str]) -> list[InvocationRecord | None]:
-        return [
-            None if text is None else self._decode(text, invocation_id)
-            for invocation_id, text in zip(
-                invocation_ids, await self._texts(invocation_ids), strict=True
-            )
-        ]
+        return await self._read(invocation_ids, self._decode)
 
     async def _get_final_many(
         self, invocation_ids: list[str]
     ) -> list[InvocationRecord | InvocationStatus | None]:
-        return [
-            None if text is None else self._decode_unless_live(text, invocation_id)
-            for invocation_id, text in zip(
-                invocation_ids, await self._texts(invocation_ids), strict=True
-            )
-        ]
+        return await self._read(invocation_ids, self._decode_unless_live)
 
-    async def _texts(self, invocation_ids: list[str]) -> list[bytes | str | None]:
-        """The stored texts of the records of *invocation_ids* (one MGET)."""
+    async def _read(
+        self, invocation_ids: list[str], decode: Callable[[bytes | str, str], _Read]
+    ) -> list[_Read | None]:
+        """``decode(record text, id)`` for each of *invocation_ids* (one MGET), ``None``
+        if unknown."""
         keys = [f"{self.prefix}inv:{invocation_id}" for invocation_id in invocation_ids]
-        texts: list[bytes | str | None] = await self._call(
-            f"read {len(keys)} records", lambda: self._client.mget(keys)
-        )
-        return texts
+        texts = await self._call(f"read {len(keys)} records", lambda: self._client.mget(keys))
+        return [
+            None if text is None else decode(text, invocation_id)
+            for invocation_id, text in zip(invocation_ids, texts, strict=True)
+        ]
 
     async def _update(self, record: InvocationRecord) -> bool:
         args = [
