@@ -412,8 +412,7 @@ class Worker:
                 continue
             if self._stopping.is_set():
                 if deliveries:
-                    await self.app.broker.release(deliveries)
-                    self.stats.released += len(deliveries)
+                    await self._release(deliveries)
                 break
             for delivery in deliveries:
                 self._inflight[delivery.receipt] = delivery
