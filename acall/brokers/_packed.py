@@ -124,8 +124,9 @@ class RecordPacker:
         )
 
     def call_key(self, packed: Packed) -> str:
-        """The call key of a packed record."""
-        return self.unpack(packed).call_id.key
+        """The call key of a packed record (its task key and args_id, nothing more built)."""
+        p = marshal.loads(memoryview(packed)[1:])
+        return make_call_id(self._task_ids[p[1]], p[2]).key
 
     def status(self, packed: Packed) -> InvocationStatus:
         """The status of a packed record."""
