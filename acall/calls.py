@@ -359,6 +359,20 @@ class Call(_CallBase[R]):
             self._call_id = make_call_id(self.spec.task_id, self.args_id)
         return self._call_id
 
+    def to_dto(self) -> CallDTO:
+        """The call as a :class:`~acall.dto.CallDTO` (after :meth:`serialize`)."""
+        # What the properties do, without their calls: every submission comes here.
+        serialized = self._serialized
+        if serialized is None:
+            return make_call_dto(self.call_id, self.serialized_arguments)  # raises
+        call_id = self._call_id
+        if call_id is None:
+            args_id = self._args_id
+            if args_id is None:
+                args_id = self._args_id = compute_args_id(serialized)
+            call_id = self._call_id = make_call_id(self.spec.task_id, args_id)
+        return make_call_dto(call_id, serialized)
+
     async def serialize(self) -> Mapping[str, str]:
         """Serialize (and offload) every argument once; concurrent awaits share the work.
 
@@ -732,7 +746,7 @@ class LazyCall(_CallBase[R]):
 
     async def arguments(self) -> dict[str, Any]:
         """Load every argument: one batched fetch for all references, cached."""
-        if not self._loaded and not self.spec.param_types:
+        if not self._loaded and self.spec.typed is None:
             # Common case first: every argument inline and small, nothing typed.
             serialized = self._serialized
             # (A plain loop, not all() over a generator: this runs for every call.)

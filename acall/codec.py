@@ -160,6 +160,9 @@ def _zstd() -> Any:
 
 # --------------------------------------------------------------------------- sizing
 
+#: Exact types whose serialized text is always short (see OffloadCodec.encode).
+_SCALARS: Final = frozenset({int, float, bool, type(None)})
+
 
 def estimate_chars(value: Any, limit: int) -> int:
     """Cheap upper-bound-ish estimate of a value's JSON size, stopping past *limit*.
@@ -542,6 +545,12 @@ class OffloadCodec:
         :raises SerializationError: when the value cannot be serialized.
         :raises StoreError: when the store write fails.
         """
+        if type(value) in _SCALARS:
+            # The usual result (a number, a flag, None): small whatever the settings,
+            # so inline, with no sizing or routing.
+            text = self.serializer.dumps(value)
+            if len(text) < self.settings.min_size_to_offload:
+                return self._kept_inline(text)
         offload = self.settings.offload_allowed(name)
         if estimate_chars(value, THREAD_MIN_CHARS) < THREAD_MIN_CHARS:
             prep = self.prepare_small(value, offload=offload)

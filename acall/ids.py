@@ -56,11 +56,12 @@ class TaskId:
 
     module: str
     func_name: str
+    #: The wire key: ``module.func_name``. (Made once: it is read several times for
+    #: every invocation, and a task has one TaskId.)
+    key: str = attrs.field(init=False, eq=False, repr=False, order=False)
 
-    @property
-    def key(self) -> str:
-        """The wire key: ``module.func_name``."""
-        return f"{self.module}.{self.func_name}"
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.module}.{self.func_name}")
 
     @classmethod
     def from_key(cls, key: str) -> TaskId:

@@ -514,9 +514,11 @@ class Worker:
             self.stats.duplicates += 1
             await broker.ack(delivery)
             return False
-        if logger.isEnabledFor(logging.DEBUG):
+        # (One level check per invocation: DEBUG is enabled only where INFO is.)
+        verbose = logger.isEnabledFor(logging.INFO)
+        if verbose and logger.isEnabledFor(logging.DEBUG):
             _log_for(running).debug("attempt %d started", running.attempt)
-        task = self.app.get_task(running.call_id.task_id.key)
+        task = self.app.get_task(running.call.call_id.task_id.key)
         started = time.perf_counter()
         try:
             if delivery.delivery_count > self.max_deliveries:
@@ -554,7 +556,7 @@ class Worker:
         except Exception as exc:
             return await self._failed(delivery, running, task, exc)
         self._outcomes.post(delivery, succeeded(running, serialized, time.time()))
-        if logger.isEnabledFor(logging.INFO):
+        if verbose:
             _log_for(running).info("succeeded in %.3f s", time.perf_counter() - started)
         return True
 

@@ -107,8 +107,9 @@ def check_seconds(value: object, what: str, *, allow_zero: bool) -> float:
 def _check_record(record: object, *, action: str) -> InvocationRecord:
     if not isinstance(record, InvocationRecord):
         raise TypeError(f"cannot {action} {type(record).__name__}: expected an InvocationRecord")
-    check_name(record.invocation_id, "invocation id")
-    check_name(record.queue, "queue name")
+    if not (is_key(record.invocation_id) and is_key(record.queue)):  # (hot path: no call)
+        check_name(record.invocation_id, "invocation id")
+        check_name(record.queue, "queue name")
     key = record.dedup_key
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= _MAX_DEDUP_KEY):
         raise InvalidKeyError(
@@ -144,8 +145,9 @@ def _check_sequence(items: object, what: str) -> Sequence[object]:
 def _check_delivery(delivery: object) -> Delivery:
     if not isinstance(delivery, Delivery):
         raise TypeError(f"expected a Delivery from receive(), got {type(delivery).__name__}")
-    check_name(delivery.invocation_id, "invocation id")
-    check_name(delivery.queue, "queue name")
+    if not (is_key(delivery.invocation_id) and is_key(delivery.queue)):
+        check_name(delivery.invocation_id, "invocation id")
+        check_name(delivery.queue, "queue name")
     return delivery
 
 

@@ -29,7 +29,7 @@ from acall.brokers._packed import Packed, RecordPacker
 from acall.brokers.base import Delivery, ScannedRecord, make_delivery
 from acall.dto import InvocationRecord, InvocationStatus, claimed
 from acall.errors import ConfigurationError
-from acall.stores.base import validate_ttl
+from acall.stores.base import is_key, validate_ttl
 
 __all__ = ["MemoryBroker"]
 
@@ -258,17 +258,23 @@ class _MemoryData:
         records = self.records
         receipts = self.receipts
         visible_at = now + visibility_timeout
+        heappop = heapq.heappop
         while len(taken) < max_items:
             best: _Queue | None = None
             for queue in queues:
                 ready = queue.ready
-                while ready and self.current(ready[0][2], ready[0][1]) is None:
-                    heapq.heappop(ready)  # stale
+                # (What current() does, inline: this runs for every entry taken.)
+                while ready:
+                    head = ready[0]
+                    live = entries.get(head[2])
+                    if live is not None and live.version == head[1]:
+                        break
+                    heappop(ready)  # stale
                 if ready and (best is None or ready[0] < best.ready[0]):
                     best = queue
             if best is None:
                 break
-            invocation_id = heapq.heappop(best.ready)[2]
+            invocation_id = heappop(best.ready)[2]
             entry = entries[invocation_id]
             entry.receipt = receipt = f"r{next(receipts)}"
             entry.delivery_count += 1
@@ -437,7 +443,7 @@ class MemoryBroker(BrokerBase):
                     continue
                 data.dedup[key] = invocation_id
             data.records[invocation_id] = record
-            data.index_call(record.call_id.key, invocation_id)
+            data.index_call(record.call.call_id.key, invocation_id)
             delay = 0.0 if record.not_before is None else record.not_before - wall
             data.enqueue(invocation_id, record.queue, now + delay, now)
             result.append(record)
@@ -452,10 +458,15 @@ class MemoryBroker(BrokerBase):
 
     def get_now(self, invocation_id: str) -> InvocationRecord | None:
         """The current record of an invocation, or ``None`` if unknown; no waiting."""
-        check_name(invocation_id, "invocation id")
+        if not is_key(invocation_id):
+            check_name(invocation_id, "invocation id")
         self._check_open()
-        self._data.purge(time.monotonic())
-        return self._data.record(invocation_id)
+        data = self._data
+        now = time.monotonic()
+        if now >= data.purge_at:
+            data.purge(now)
+        record = data.records.get(invocation_id)
+        return record if record is not None else data.record(invocation_id)
 
     async def _update(self, record: InvocationRecord) -> bool:
         await checkpoint()
