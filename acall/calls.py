@@ -744,22 +744,30 @@ class LazyCall(_CallBase[R]):
             await self._load([name])
         return self._loaded[name]
 
+    def arguments_now(self) -> dict[str, Any] | None:
+        """Every argument, loaded here and now when that needs no I/O and no thread
+        (all inline and small, none typed: the usual call); else ``None``, and
+        :meth:`arguments` loads them. Cached like :meth:`arguments`."""
+        if self._loaded or self.spec.typed is not None:
+            return None
+        serialized = self._serialized
+        # (A plain loop, not all() over a generator: this runs for every call.)
+        for t in serialized.values():
+            if len(t) >= _INLINE_FAST or t.startswith(REFERENCE_PREFIX):
+                return None
+        loads = self.codec.serializer.loads
+        try:
+            self._loaded = {n: loads(t) for n, t in serialized.items()}
+        except DeserializationError:
+            self._loaded = {}  # the slow path names the argument that failed
+            return None
+        return dict(self._loaded)
+
     async def arguments(self) -> dict[str, Any]:
         """Load every argument: one batched fetch for all references, cached."""
-        if not self._loaded and self.spec.typed is None:
-            # Common case first: every argument inline and small, nothing typed.
-            serialized = self._serialized
-            # (A plain loop, not all() over a generator: this runs for every call.)
-            for t in serialized.values():
-                if len(t) >= _INLINE_FAST or t.startswith(REFERENCE_PREFIX):
-                    break
-            else:
-                loads = self.codec.serializer.loads
-                try:
-                    self._loaded = {n: loads(t) for n, t in serialized.items()}
-                    return dict(self._loaded)
-                except DeserializationError:
-                    self._loaded = {}  # the slow path names the argument that failed
+        loaded = self.arguments_now()
+        if loaded is not None:
+            return loaded
         missing = [n for n in self._serialized if n not in self._loaded]
         if missing:
             await self._load(missing)

@@ -160,7 +160,7 @@ def _zstd() -> Any:
 
 # --------------------------------------------------------------------------- sizing
 
-#: Exact types whose serialized text is always short (see OffloadCodec.encode).
+#: Exact types whose serialized text is nearly always short (see OffloadCodec.encode_now).
 _SCALARS: Final = frozenset({int, float, bool, type(None)})
 
 
@@ -545,12 +545,9 @@ class OffloadCodec:
         :raises SerializationError: when the value cannot be serialized.
         :raises StoreError: when the store write fails.
         """
-        if type(value) in _SCALARS:
-            # The usual result (a number, a flag, None): small whatever the settings,
-            # so inline, with no sizing or routing.
-            text = self.serializer.dumps(value)
-            if len(text) < self.settings.min_size_to_offload:
-                return self._kept_inline(text)
+        text = self.encode_now(value)
+        if text is not None:
+            return text
         offload = self.settings.offload_allowed(name)
         if estimate_chars(value, THREAD_MIN_CHARS) < THREAD_MIN_CHARS:
             prep = self.prepare_small(value, offload=offload)
@@ -559,6 +556,19 @@ class OffloadCodec:
         else:
             prep = await self.prepare_large(value, offload=offload)
         return await self.commit(prep)
+
+    def encode_now(self, value: Any) -> str | None:
+        """:meth:`encode` of a number, a flag or ``None`` (the usual result) whose text
+        stays inline, here and now; ``None`` for anything else (left to :meth:`encode`).
+
+        :raises SerializationError: when the value cannot be serialized.
+        """
+        if type(value) not in _SCALARS:
+            return None
+        text = self.serializer.dumps(value)
+        if len(text) >= self.settings.min_size_to_offload:
+            return None  # (a huge int) sized and routed by encode()
+        return self._kept_inline(text)
 
     def prepare_small(self, value: Any, *, offload: bool = True) -> Prepared:
         """Encode a small value on the calling thread (hashing it if it is offloaded)."""

@@ -514,7 +514,7 @@ class InvocationHandle(Generic[R]):
     def _structure(self, value: Any, record: InvocationRecord) -> R:
         """A loaded result converted to the task's return annotation, where it has one."""
         task = self.task or self.app.get_task(record.call_id.task_id.key)
-        if task is not None:
+        if task is not None and not task.plain_result:
             value = task.structure_result(value)
         result: R = value
         return result

@@ -381,15 +381,15 @@ class Task(Generic[P, R]):
             key_arguments=options.key_arguments,
             disable_offload=options.disable_offload,
         )
+        #: The task key, ``module.name``.
+        self.key: str = task_id.key
         self._return_type = _return_annotation(func)
         self._return_converter = (
             make_argument_converter() if self._return_type is not None else None
         )
-
-    @property
-    def key(self) -> str:
-        """The task key, ``module.name``."""
-        return self.spec.key
+        #: Whether results pass as they are (no return annotation needing conversion):
+        #: then :meth:`unstructure_result` and :meth:`structure_result` change nothing.
+        self.plain_result = self._return_converter is None
 
     def __repr__(self) -> str:
         return f"Task({self.key})"

@@ -531,21 +531,31 @@ class Worker:
                     f"task {running.call_id.task_id.key!r} is not registered in this "
                     "worker's app (is its module imported by the app module?)"
                 )
-            lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, self.app.codec, running.call)
+            codec = self.app.codec
+            lazy: LazyCall[Any] = LazyCall.from_dto(task.spec, codec, running.call)
             # The worker's own I/O (loading the arguments, storing the result): an
             # unreachable backend there is not an error of the task, which may raise
-            # the same types itself. (Inline, not a helper: this is the hot path.)
-            try:
-                arguments = await lazy.arguments()
-            except _UNREACHABLE as exc:
-                raise _Unreachable(exc) from exc
-            value = await self._execute(task, running, arguments)
-            try:
-                serialized = await self.app.codec.encode(
-                    task.unstructure_result(value), name="<result>"
-                )
-            except _UNREACHABLE as exc:
-                raise _Unreachable(exc) from exc
+            # the same types itself. (Inline, not a helper: this is the hot path, where
+            # the arguments and the result nearly always need no I/O: no await then.)
+            arguments = lazy.arguments_now()
+            if arguments is None:
+                try:
+                    arguments = await lazy.arguments()
+                except _UNREACHABLE as exc:
+                    raise _Unreachable(exc) from exc
+            if task.is_async and running.timeout is None:
+                _current.set((running, task.key, self.worker_id))
+                value = await task.spec.invoke(arguments)
+            else:
+                value = await self._execute(task, running, arguments)
+            serialized = codec.encode_now(value) if task.plain_result else None
+            if serialized is None:
+                try:
+                    if not task.plain_result:
+                        value = task.unstructure_result(value)
+                    serialized = await codec.encode(value, name="<result>")
+                except _UNREACHABLE as exc:
+                    raise _Unreachable(exc) from exc
         except anyio.get_cancelled_exc_class():
             raise
         except _Unreachable as exc:
@@ -605,10 +615,10 @@ class Worker:
     async def _execute(
         self, task: Task[Any, Any], record: InvocationRecord, arguments: dict[str, Any]
     ) -> Any:
+        """Run a sync task (in a thread) or one with a timeout; :meth:`_run_delivery`
+        awaits a coroutine function without a timeout itself."""
         timeout = record.timeout
         _current.set((record, task.key, self.worker_id))
-        if task.is_async and timeout is None:
-            return await task.invoke(arguments)
         with anyio.move_on_after(timeout) as scope:
             if task.is_async:
                 return await task.invoke(arguments)

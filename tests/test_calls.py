@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from acall import (
     CallSerializationError,
+    DeserializationError,
     InvalidArgumentsError,
     NotSerializedError,
     SerializationError,
@@ -23,6 +25,7 @@ from acall import (
 )
 from acall.calls import Call, ConcurrencyMode, LazyCall, PreSerializedCall, TaskSpec
 from acall.codec import OffloadCodec
+from acall.dto import make_call_dto
 from acall.hashing import REFERENCE_PREFIX
 
 
@@ -266,6 +269,48 @@ async def test_lazy_arguments_use_one_batched_fetch(store: CountingStore) -> Non
     again = await lazy.arguments()
     assert again == values
     assert store.calls["get_many"] == 1  # cached on the LazyCall
+
+
+async def test_lazy_arguments_now_only_where_no_io_is_needed(store: CountingStore) -> None:
+    codec = OffloadCodec(store)
+    spec = TaskSpec(simple)
+    small: Call[Any] = Call.from_args(spec, codec, 1, "two", c=[3])
+    await small.serialize()
+    lazy: LazyCall[Any] = LazyCall.from_dto(spec, OffloadCodec(store), small.to_dto())
+    store.reset()
+    loaded = lazy.arguments_now()
+    assert loaded == {"a": 1, "b": "two", "c": [3]}
+    assert sum(store.calls.values()) == 0
+    loaded["a"] = "changed"  # a copy: the cache keeps what was loaded
+    assert await lazy.arguments() == {"a": 1, "b": "two", "c": [3]}
+
+    offloaded: Call[Any] = Call.from_args(spec, codec, 1, "x" * 5000)
+    await offloaded.serialize()
+    lazy = LazyCall.from_dto(spec, OffloadCodec(store), offloaded.to_dto())
+    store.reset()
+    assert lazy.arguments_now() is None  # a reference: arguments() fetches it
+    assert sum(store.calls.values()) == 0
+    assert await lazy.arguments() == {"a": 1, "b": "x" * 5000, "c": 3}
+
+    def typed(when: datetime.date) -> None: ...
+
+    typed_spec = TaskSpec(typed)
+    dated: Call[Any] = Call.from_args(typed_spec, codec, datetime.date(2026, 11, 29))
+    await dated.serialize()
+    lazy = LazyCall.from_dto(typed_spec, codec, dated.to_dto())
+    assert lazy.arguments_now() is None  # typed: structured by arguments()
+    assert await lazy.arguments() == {"when": datetime.date(2026, 11, 29)}
+
+
+async def test_lazy_arguments_now_leaves_bad_text_to_arguments(codec: OffloadCodec) -> None:
+    spec = TaskSpec(simple)
+    call: Call[Any] = Call.from_args(spec, codec, 1, 2)
+    await call.serialize()
+    dto = make_call_dto(call.call_id, {**call.serialized_arguments, "b": "{not json"})
+    lazy: LazyCall[Any] = LazyCall.from_dto(spec, codec, dto)
+    assert lazy.arguments_now() is None
+    with pytest.raises(DeserializationError, match="'b'"):
+        await lazy.arguments()
 
 
 async def test_lazy_large_blobs_are_parsed_once_each_into_objects_of_their_own(

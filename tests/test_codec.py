@@ -46,6 +46,19 @@ async def test_small_values_stay_inline(store: Store) -> None:
     assert [k async for k in store.scan()] == []
 
 
+async def test_encode_now_takes_only_scalars_that_stay_inline(store: Store) -> None:
+    codec = OffloadCodec(store, settings=OffloadSettings(min_size_to_offload=5))
+    for value, text in [(7, "7"), (-1.5, "-1.5"), (True, "true"), (None, "null")]:
+        assert codec.encode_now(value) == text
+        assert await codec.encode(value) == text
+    assert codec.encode_now("7") is None  # not a scalar: sized and routed by encode()
+    assert codec.encode_now([7]) is None
+    for long in (False, 10**200):  # texts past the offload threshold
+        assert codec.encode_now(long) is None
+        assert (await codec.encode(long)).startswith(REFERENCE_PREFIX)
+    assert codec.stats["inline_chars"] == 2 * len("7-1.5truenull")
+
+
 @pytest.mark.parametrize("length", [1021, 1022, 1023, 1024, 1025])
 async def test_offload_threshold_in_characters(store: Store, length: int) -> None:
     codec = OffloadCodec(store)

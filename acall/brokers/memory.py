@@ -460,7 +460,8 @@ class MemoryBroker(BrokerBase):
         """The current record of an invocation, or ``None`` if unknown; no waiting."""
         if not is_key(invocation_id):
             check_name(invocation_id, "invocation id")
-        self._check_open()
+        if self._closed:
+            self._check_open()
         data = self._data
         now = time.monotonic()
         if now >= data.purge_at:
