@@ -192,7 +192,7 @@ class ResultWatcher:
             future._timer = loop.call_later(max(0.0, timeout), self._expire, future, timeout)
         future._next = self._waiting.get(invocation_id)
         self._waiting[invocation_id] = future
-        if broker.reads_in_process:
+        if broker.reads_in_process and self._watch_task is None:
             self._start_watching()
         return future
 
@@ -228,7 +228,8 @@ class ResultWatcher:
             self._fail(invocation_id, error)
 
     def _settle(self, future: ResultFuture[Any], record: InvocationRecord) -> None:
-        _disarm(future)
+        if future._timer is not None:
+            _disarm(future)
         if future.done():  # cancelled meanwhile
             return
         handle = future._handle
@@ -244,7 +245,10 @@ class ResultWatcher:
         elif len(text) < THREAD_MIN_CHARS and not text.startswith(REFERENCE_PREFIX):
             # Small and inline (the usual case): loaded here, no task.
             try:
-                value = handle._structure(handle.app.codec.serializer.loads(text), record)
+                value = handle.app.codec.serializer.loads(text)
+                task = handle.task
+                if task is None or not task.plain_result:
+                    value = handle._structure(value, record)
             except Exception as exc:
                 future.set_exception(exc)
             else:

@@ -96,8 +96,10 @@ class _Watcher:
         self.event: anyio.Event | None = None
 
     def wake(self) -> None:
-        if self.event is not None:
-            self.event.set()
+        event = self.event
+        if event is not None:
+            self.event = None  # woken once: later finishes before it runs only add ids
+            event.set()
 
 
 class _MemoryData:
@@ -198,7 +200,7 @@ class _MemoryData:
 
     def enqueue(self, invocation_id: str, queue: str, visible_at: float, now: float) -> None:
         self.next_seq += 1
-        heaps = self.queue(queue)
+        heaps = self.queues.get(queue) or self.queue(queue)
         entry = self.entries[invocation_id] = _Entry(invocation_id, queue, heaps, self.next_seq)
         heaps.size += 1
         self.place(entry, visible_at, now)
@@ -312,7 +314,8 @@ class _MemoryData:
             self.purge_at = min(self.purge_at, now + ARCHIVE_AFTER)
         for watcher in self.watchers:
             watcher.ids.add(invocation_id)
-            watcher.wake()
+            if watcher.event is not None:
+                watcher.wake()
 
     def next_due(self, names: list[str]) -> float:
         """Earliest time an entry of *names* may become deliverable (may be stale: early)."""
@@ -429,9 +432,10 @@ class MemoryBroker(BrokerBase):
         wall = time.time()
         data.purge(now)
         result: list[InvocationRecord] = []
+        known = data.records
         for record in records:
             invocation_id = record.invocation_id
-            stored = data.record(invocation_id)
+            stored = known.get(invocation_id) or data.record(invocation_id)
             if stored is not None:
                 result.append(stored)
                 continue
@@ -528,12 +532,15 @@ class MemoryBroker(BrokerBase):
         data = self._data
         now = time.monotonic()
         data.purge(now)
+        records, entries = data.records, data.entries
         for delivery, record in outcomes:
-            stored = data.record(record.invocation_id)
+            # (What record() and holding() do, inline: this runs for every outcome.)
+            invocation_id = record.invocation_id
+            stored = records.get(invocation_id) or data.record(invocation_id)
             if stored is not None and not stored.status.is_final:
                 data.store_final(record, stored, now, self.record_ttl)
-            entry = data.holding(delivery.invocation_id, delivery.receipt)
-            if entry is not None:
+            entry = entries.get(delivery.invocation_id)
+            if entry is not None and entry.receipt == delivery.receipt:
                 data.remove(entry)
 
     async def _ack(self, delivery: Delivery) -> None:
