@@ -6,15 +6,16 @@ Key layout (``p`` is the prefix, default ``acall:b:``; the data store's default 
     p inv:{id}          string  the InvocationRecord as DTOCodec JSON; finished ones
                                 expire after record_ttl, pending ones never
     p dedup:{key}       string  dedup key -> id of the invocation holding it
-    p status:{status}   zset    invocation ids by status (score: expiry time, +inf for
-                                records that do not expire), for counts()
+    p status:{status}   zset    invocation ids by status (score: expiry time, 2**53 - 1
+                                for records that do not expire), for counts()
     p call:{call key}   zset    ids of the call's invocations (score: p seq at
                                 submission), for find_by_call(); persistent while one
                                 of them is unfinished, else it expires with the last
     p seq               string  counter giving the call index its submission order
     p q:{queue}         stream  queue entries {"id": invocation id}; consumer group
                                 "acall-workers"; an entry is XACKed and XDELed on ack
-    p inflight:{queue}  zset    stream entry id -> time its visibility timeout ends
+    p inflight:{queue}  zset    stream entry id -> time its visibility timeout ends, in
+                                whole milliseconds
     p delayed:{queue}   zset    invocation id -> time it becomes deliverable
     p final             pub/sub  ids of invocations that became final (one message
                                 per finished batch, separated by spaces)
@@ -127,6 +128,9 @@ _LIVE_STATUSES: Final = [s.value for s in InvocationStatus if not s.is_final]
 _CALL_SETTLE_MAX: Final = 100
 # Expired ids a submission removes from the front of its call's index.
 _CALL_TRIM: Final = 2
+# Status set score of records that never expire: 2**53 - 1, an integer a double holds
+# exactly, some 285 million years from now.
+_NEVER_EXPIRES: Final = 2**53 - 1
 
 
 def _lua_list(values: Sequence[str]) -> str:
@@ -382,6 +386,11 @@ local CALL_TRIM = {_CALL_TRIM}
 -- into text with printf's "%.17g", which costs more than many a command.
 local CALL_SETTLE_RANGE = '{_CALL_SETTLE_MAX}'
 local CALL_TRIM_RANGE = '{_CALL_TRIM - 1}'
+-- The status set score of a record that never expires (live ones, and finished ones
+-- without a record_ttl): after any expiry time, and an integer, which a small sorted
+-- set (a listpack, where each insertion compares its way past the others) compares
+-- as it is, where a text such as 'inf' is parsed again at each comparison.
+local NEVER = '{_NEVER_EXPIRES}'
 """
     + _JSON_LUA
     + """
@@ -559,7 +568,7 @@ local expiries = {}
 -- of every other one).
 local function store_record(id, json, status, ttl_ms, now, call_key, prev)
   local key = prefix .. 'inv:' .. id
-  local score = '+inf'
+  local score = NEVER
   local expires = math.huge
   if FINAL[status] and ttl_ms ~= '' then
     redis.call('SET', key, json, 'PX', ttl_ms)
@@ -734,7 +743,11 @@ local now = server_time()
 local out = {{}}
 -- Made once: formatting a number costs more than the rest of a claim's string work.
 local claim_tail = string.format(',"worker_id":%s,"updated_at":%.6f', worker_json, now)
-local deadline = string.format('%.17g', now + timeout)
+-- Deadlines are whole milliseconds: a small sorted set (a listpack, where a new entry
+-- compares its way past the others) compares integers as they are, where it would
+-- parse a text such as '1796000000.1234567' again at each comparison.
+local now_ms = string.format('%d', math.floor(now * 1000))
+local deadline = string.format('%d', math.ceil((now + timeout) * 1000))
 
 -- Mark a claimed invocation's record RUNNING (attempt + 1, this worker, now) and
 -- return it; a final or unreadable record is returned as it is, a missing one as false.
@@ -841,7 +854,7 @@ for i = 6, #ARGV do
   else
     -- Entries whose visibility timeout is over (or that were released) come first.
     if remaining > 0 then
-      local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now, 'LIMIT', 0, remaining)
+      local expired = redis.call('ZRANGEBYSCORE', inflight, '-inf', now_ms, 'LIMIT', 0, remaining)
       for _, entry in ipairs(expired) do
         local claimed = redis.call('XCLAIM', stream, GROUP, consumer, 0, entry)
         if claimed[1] and claimed[1][2] then
@@ -877,10 +890,15 @@ for i = 6, #ARGV do
   local queue = ARGV[i]
   local last = redis.call('XREVRANGE', prefix .. 'q:' .. queue, '+', '-', 'COUNT', 1)
   last_ids[#last_ids + 1] = last[1] and last[1][1] or '0-0'
-  for _, key in ipairs({{prefix .. 'delayed:' .. queue, prefix .. 'inflight:' .. queue}}) do
+  -- (Delays are in seconds, visibility deadlines in milliseconds.)
+  local scales = {{
+    [prefix .. 'delayed:' .. queue] = 1,
+    [prefix .. 'inflight:' .. queue] = 1000,
+  }}
+  for key, scale in pairs(scales) do
     local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
     if first[2] then
-      local score = tonumber(first[2])
+      local score = tonumber(first[2]) / scale
       if next_due == nil or score < next_due then
         next_due = score
       end
@@ -1002,9 +1020,9 @@ return 1
 _SET_DEADLINE: Final = (
     _PRELUDE
     + """
-local score = 0
+local score = '0'
 if ARGV[2] ~= '' then
-  score = server_time() + tonumber(ARGV[2])
+  score = string.format('%d', math.ceil((server_time() + tonumber(ARGV[2])) * 1000))
 end
 local changed = 0
 for base = 3, #ARGV, 3 do
