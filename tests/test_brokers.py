@@ -1377,7 +1377,25 @@ async def test_redis_key_layout_and_record_ttl(redis_url: str, redis_server: Red
         groups = redis_server.command("XINFO", "GROUPS", "t:q:default", db=db)
         assert isinstance(groups, list)
         assert b"acall-workers" in groups[0]  # type: ignore[operator]
-        (delivery,) = await _receive(broker)
+        # A record that never expires is filed under the integer score 2**53 - 1.
+        never = str(2**53 - 1).encode()
+        assert redis_server.command("ZSCORE", "t:status:pending", record.invocation_id, db=db) == (
+            never
+        )
+        before = time.time()
+        (delivery,) = await _receive(broker, visibility_timeout=30.0)
+        assert redis_server.command("ZSCORE", "t:status:running", record.invocation_id, db=db) == (
+            never
+        )
+        # Its visibility deadline: a Unix time in whole milliseconds.
+        pair = redis_server.command("ZRANGE", "t:inflight:default", 0, -1, "WITHSCORES", db=db)
+        assert isinstance(pair, list)
+        entry, deadline = pair
+        assert isinstance(entry, bytes)
+        assert isinstance(deadline, bytes)
+        assert delivery.receipt.split("/")[1] == entry.decode()
+        assert deadline.isdigit()
+        assert (before + 30.0) * 1000 - 5_000 < int(deadline) <= (time.time() + 30.0) * 1000 + 1
         await broker.update(attrs.evolve(record, status=SUCCESS))
         await broker.ack(delivery)
         pttl = redis_server.command("PTTL", inv, db=db)
