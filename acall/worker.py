@@ -543,8 +543,8 @@ class Worker:
                     arguments = await lazy.arguments()
                 except _UNREACHABLE as exc:
                     raise _Unreachable(exc) from exc
+            _current.set((running, task.key, self.worker_id))
             if task.is_async and running.timeout is None:
-                _current.set((running, task.key, self.worker_id))
                 value = await task.spec.invoke(arguments)
             else:
                 value = await self._execute(task, running, arguments)
@@ -618,7 +618,6 @@ class Worker:
         """Run a sync task (in a thread) or one with a timeout; :meth:`_run_delivery`
         awaits a coroutine function without a timeout itself."""
         timeout = record.timeout
-        _current.set((record, task.key, self.worker_id))
         with anyio.move_on_after(timeout) as scope:
             if task.is_async:
                 return await task.invoke(arguments)

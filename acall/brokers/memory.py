@@ -432,10 +432,9 @@ class MemoryBroker(BrokerBase):
         wall = time.time()
         data.purge(now)
         result: list[InvocationRecord] = []
-        known = data.records
         for record in records:
             invocation_id = record.invocation_id
-            stored = known.get(invocation_id) or data.record(invocation_id)
+            stored = data.record(invocation_id)
             if stored is not None:
                 result.append(stored)
                 continue
