@@ -279,23 +279,26 @@ def chunk_owner(key: str) -> str | None:
 def _split_chunks(pieces: Sequence[bytes], chunk_size: int) -> Iterator[bytes]:
     """Regroup stored pieces into chunks of exactly *chunk_size* (the last may be shorter).
 
-    Each chunk is one ``bytes.join`` of views into the pieces: one copy, made with the
-    GIL released when it is large.
+    Each chunk is one ``bytes.join`` of whole pieces and, at its edges, copied slices of
+    the pieces it shares with its neighbours (no larger than a piece). All of them are
+    exact ``bytes``, so CPython releases the GIL for the join's copy, which on a large
+    chunk takes milliseconds. It keeps the GIL through a join of memoryviews: chunks cut
+    that way held up the event loop for the whole copy of each chunk.
     """
-    views: list[memoryview] = []
+    parts: list[bytes] = []
     size = 0
     for piece in pieces:
-        view = memoryview(piece)
-        while view:
-            take = min(len(view), chunk_size - size)
-            views.append(view[:take])
+        start, end = 0, len(piece)
+        while start < end:
+            take = min(end - start, chunk_size - size)
+            parts.append(piece if take == end else piece[start : start + take])
             size += take
-            view = view[take:]
+            start += take
             if size == chunk_size:
-                yield b"".join(views)
-                views, size = [], 0
-    if views:
-        yield b"".join(views)
+                yield b"".join(parts)
+                parts, size = [], 0
+    if parts:
+        yield b"".join(parts)
 
 
 def _frame_blobs(prep: Prepared, chunk_size: int) -> tuple[bytes, dict[str, bytes]]:

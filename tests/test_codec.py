@@ -13,7 +13,10 @@ from typing import Any
 import anyio
 import pytest
 import xxhash
+from fuzz_support import fuzz_settings
 from helpers import CountingStore
+from hypothesis import given
+from hypothesis import strategies as st
 
 from acall import (
     BlobCorruptedError,
@@ -23,7 +26,13 @@ from acall import (
     SerializationError,
     _digest,
 )
-from acall.codec import THREAD_MIN_CHARS, OffloadCodec, OffloadSettings, estimate_chars
+from acall.codec import (
+    THREAD_MIN_CHARS,
+    OffloadCodec,
+    OffloadSettings,
+    _split_chunks,
+    estimate_chars,
+)
 from acall.hashing import REFERENCE_PREFIX, content_reference
 from acall.serializers import JsonSerializer
 from acall.stores import MemoryStore, Store, open_store
@@ -140,6 +149,16 @@ async def test_end_to_end_vectors_in_full(store: Store) -> None:
                 offloaded += 1
                 assert await codec.decode(value) == case["kwargs"][name]
     assert offloaded > 0
+
+
+@given(st.lists(st.binary(max_size=300), max_size=40), st.integers(1, 700))
+@fuzz_settings(0.2)
+def test_chunks_are_exact_bytes_cut_at_exact_sizes(pieces: list[bytes], chunk_size: int) -> None:
+    chunks = list(_split_chunks(pieces, chunk_size))
+    assert b"".join(chunks) == b"".join(pieces)
+    assert all(len(c) == chunk_size for c in chunks[:-1])
+    assert all(0 < len(c) <= chunk_size for c in chunks)
+    assert all(type(c) is bytes for c in chunks)
 
 
 @pytest.mark.parametrize("compression", ["none", "zlib", "zstd"])
