@@ -53,6 +53,7 @@ __all__ = [
     "make_converter",
     "new_invocation_id",
     "succeeded",
+    "unclaimed",
 ]
 
 #: The version written in :attr:`InvocationRecord.v`. Readers accept this and older.
@@ -273,6 +274,19 @@ def claimed(record: InvocationRecord, worker_id: str, now: float) -> InvocationR
         r.error,
         r.result,
         r.v,
+    )
+
+
+def unclaimed(record: InvocationRecord, now: float) -> InvocationRecord:
+    """*record* as :func:`claimed` left it, handed back unstarted: waiting again.
+
+    The attempt the claim counted is taken back and no worker holds it; the status is
+    RETRYING when an earlier attempt left its error, else PENDING (what a claimed record
+    was before its claim).
+    """
+    waiting = InvocationStatus.PENDING if record.error is None else InvocationStatus.RETRYING
+    return attrs.evolve(
+        record, status=waiting, attempt=max(0, record.attempt - 1), worker_id=None, updated_at=now
     )
 
 

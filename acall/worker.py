@@ -485,12 +485,10 @@ class Worker:
                 self._slot_freed.set()
 
     async def _give_back(self, delivery: Delivery) -> None:
+        # The record waits again with this attempt not counted, in the same step: the
+        # invocation was cut short by this worker's shutdown, not by its own doing (a
+        # task that keeps outlasting the grace period still meets max_deliveries).
         try:
-            record = await self.app.broker.get(delivery.invocation_id)
-            if record is not None and record.status is InvocationStatus.RUNNING:
-                await self.app.broker.update(
-                    attrs.evolve(record, status=InvocationStatus.PENDING, updated_at=time.time())
-                )
             await self.app.broker.release([delivery])
             self.stats.released += 1
         except Exception:

@@ -363,6 +363,53 @@ async def test_release_makes_entries_deliverable_at_once_in_place(broker: Broker
     assert [d.delivery_count for d in again] == [2, 1]
 
 
+async def test_release_puts_the_record_back_to_waiting_with_the_attempt_not_counted(
+    broker: Broker,
+) -> None:
+    fresh = _record()
+    failed_once = _record(
+        status=InvocationStatus.RETRYING, attempt=1, error=ErrorInfo("ValueError", "boom")
+    )
+    await broker.submit_many([fresh, failed_once])
+    taken = await _receive(broker, consumer="c1")
+    assert [d.record.status for d in taken if d.record] == [InvocationStatus.RUNNING] * 2
+    await broker.release(taken)
+    # Unstarted: back to what the claim found, with no worker and no attempt used.
+    for original in (fresh, failed_once):
+        back = await broker.get(original.invocation_id)
+        assert back is not None
+        assert (back.status, back.attempt, back.worker_id) == (
+            original.status,
+            original.attempt,
+            None,
+        )
+        assert (back.error, back.call, back.created_at) == (
+            original.error,
+            original.call,
+            original.created_at,
+        )
+    again = {d.invocation_id: d for d in await _receive(broker, consumer="c2")}
+    for original in (fresh, failed_once):
+        delivery = again[original.invocation_id]
+        assert delivery.delivery_count == 2  # deliveries still count every one
+        assert delivery.record is not None
+        assert (delivery.record.status, delivery.record.attempt) == (
+            InvocationStatus.RUNNING,
+            original.attempt + 1,
+        )
+
+
+async def test_release_leaves_a_record_that_is_no_longer_running(broker: Broker) -> None:
+    record = _record()
+    await broker.submit(record)
+    (delivery,) = await _receive(broker, consumer="c1")
+    assert delivery.record is not None
+    done = attrs.evolve(delivery.record, status=InvocationStatus.SUCCESS, result="1")
+    await broker.update(done)
+    await broker.release([delivery])
+    assert await broker.get(record.invocation_id) == done
+
+
 async def test_release_wakes_a_waiting_consumer(broker: Broker) -> None:
     await broker.submit(_record())
     taken = await _receive(broker, consumer="c1")
@@ -1461,6 +1508,11 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
             key = f"acall:b:inv:{record.invocation_id}"
             assert redis_server.command("SET", key, text, db=db) == "OK"
 
+        async def _time_out(deliveries: list[Delivery]) -> None:
+            # (Not release(), which puts the record back to waiting.)
+            await broker.extend(deliveries, 0.05)
+            await anyio.sleep(0.2)
+
         as_dict = json.loads(broker._encode(pretty))  # type: ignore[attr-defined]
         put(pretty, json.dumps(as_dict, indent=2))  # whitespace everywhere
         as_dict = json.loads(broker._encode(reordered))  # type: ignore[attr-defined]
@@ -1486,7 +1538,7 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
         assert first[nested.invocation_id].record.call.serialized_arguments == named  # type: ignore[union-attr]
         # Delivered again after its visibility timeout, to the same consumer: status and
         # worker stay, attempt and time move on.
-        await broker.release([first[nested.invocation_id]])
+        await _time_out([first[nested.invocation_id]])
         again = await _receive(broker, consumer="c1")
         assert [d.invocation_id for d in again] == [nested.invocation_id]
         reclaimed = again[0].record
@@ -1499,7 +1551,7 @@ async def test_redis_claim_rewrites_only_the_top_level_members(
         # reads it the slow way, and every claim still gives the record Python would.
         odd = 'c"2\\'
         for consumer, attempt in ((odd, 2), ("c1", 3)):
-            await broker.release([d for d in again if d.invocation_id == nested.invocation_id])
+            await _time_out([d for d in again if d.invocation_id == nested.invocation_id])
             again = await _receive(broker, consumer=consumer)
             assert [d.invocation_id for d in again] == [nested.invocation_id]
             reclaimed = again[0].record

@@ -253,12 +253,24 @@ async def test_prefetched_entries_are_bounded_and_go_back_unstarted_on_stop(app:
     # The two running finished within the grace period; the three waiting went back.
     assert (first.stats.succeeded, first.stats.released) == (2, 3)
     assert first.stats.received == 5
+    # Those three never started: they wait again, no attempt used, like the other five.
+    records = [await app.broker.get(h.invocation_id) for h in handles]
+    heads = [(r.status, r.attempt, r.worker_id) for r in records if r is not None]
+    assert sorted(heads, key=str) == sorted(
+        [(InvocationStatus.SUCCESS, 1, first.worker_id)] * 2
+        + [(InvocationStatus.PENDING, 0, None)] * 8,
+        key=str,
+    )
 
     async def body() -> None:
         assert [await h.result(timeout=20) for h in handles] == [i * i for i in range(10)]
 
     second = await _with_worker(app, body, concurrency=10, prefetch=0)
     assert second.stats.succeeded == 8
+    for handle in handles:
+        record = await app.broker.get(handle.invocation_id)
+        assert record is not None
+        assert record.attempt == 1
 
 
 def test_prefetch_must_not_be_negative(app: App) -> None:
@@ -301,12 +313,21 @@ async def test_grace_period_over_hands_work_back(app: App) -> None:
     handles = await _stop_once_taken(first, 2, 1.0, taken=2)
     assert first.stats.released == 2
     assert {await h.status() for h in handles} == {InvocationStatus.PENDING}
+    # Cut short by the worker's shutdown, not by the task: the attempt is not counted.
+    for handle in handles:
+        record = await app.broker.get(handle.invocation_id)
+        assert record is not None
+        assert (record.attempt, record.worker_id) == (0, None)
 
     async def body() -> None:
         assert [await h.result(timeout=10) for h in handles] == [0, 1]
 
     second = await _with_worker(app, body)
     assert second.stats.succeeded == 2
+    for handle in handles:
+        record = await app.broker.get(handle.invocation_id)
+        assert record is not None
+        assert record.attempt == 1
 
 
 async def test_final_invocation_delivered_again_is_not_rerun(app: App) -> None:

@@ -13,11 +13,12 @@ import abc
 import contextlib
 import logging
 import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Final
 
 from acall.brokers.base import Broker, DamagedRecord, Delivery, ScannedRecord
-from acall.dto import DTOCodec, InvocationRecord, InvocationStatus
+from acall.dto import DTOCodec, InvocationRecord, InvocationStatus, unclaimed
 from acall.errors import (
     BrokerError,
     ConfigurationError,
@@ -394,12 +395,20 @@ class BrokerBase(Broker):
         """Give entries back at once, keeping their place at the front of the queue.
 
         Stale receipts are skipped. A released delivery still counts in the entry's
-        ``delivery_count``.
+        ``delivery_count``; its record, if still RUNNING, waits again with the attempt
+        taken back (see :meth:`Broker.release`).
         """
         checked = [_check_delivery(d) for d in _check_sequence(deliveries, "Delivery")]
         self._check_open()
         if checked:
-            await self._release(checked)
+            now = time.time()
+            waiting = [
+                unclaimed(d.record, now)
+                if d.record is not None and d.record.status is InvocationStatus.RUNNING
+                else None
+                for d in checked
+            ]
+            await self._release(checked, waiting)
 
     async def watch_final(self) -> AsyncGenerator[set[str], None]:
         """Yield sets of invocation ids that reached a final status from now on.
@@ -553,8 +562,11 @@ class BrokerBase(Broker):
         """Store the record and re-enqueue the entry after *delay*, if the receipt is current."""
 
     @abc.abstractmethod
-    async def _release(self, deliveries: list[Delivery]) -> None:
-        """Make entries with a current receipt deliverable now."""
+    async def _release(
+        self, deliveries: list[Delivery], records: list[InvocationRecord | None]
+    ) -> None:
+        """Make entries with a current receipt deliverable now; store each one's record
+        from *records* (``None``: leave it) where the stored one is still RUNNING."""
 
     @abc.abstractmethod
     def _watch_final(self) -> AsyncGenerator[set[str], None]:

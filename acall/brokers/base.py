@@ -51,7 +51,8 @@ class Delivery:
         enqueued, this delivery included (1 = first). Redeliveries after a visibility
         timeout and deliveries that were released count; :meth:`Broker.retry` enqueues
         the invocation as a new entry, whose count starts again at 1. (The record's
-        ``attempt``, in contrast, counts every delivery of the invocation.)
+        ``attempt``, in contrast, counts every delivery of the invocation that was not
+        given back with :meth:`Broker.release`.)
     :ivar record: the invocation's record as claimed by :meth:`Broker.receive`: for a
         non-final invocation already marked RUNNING (attempt + 1, ``worker_id`` = the
         consumer); a final one is returned unchanged (the worker only acknowledges it);
@@ -254,9 +255,12 @@ class Broker(abc.ABC):
         """Give entries back at once, unstarted (a worker shutting down).
 
         A released entry keeps its place at the front of its queue and its
-        ``delivery_count``; the record stays as :meth:`receive` left it (RUNNING, with
-        the attempt counted). Entries whose receipt is stale are skipped. Do not use
-        the deliveries afterwards: whether their receipts stay current until the next
+        ``delivery_count``. In the same atomic step its record, if still RUNNING, goes
+        back to waiting (:func:`acall.dto.unclaimed`: PENDING, or RETRYING after a
+        failed attempt; the attempt :meth:`receive` counted taken back; no worker), so
+        a worker that stops costs no invocation one of its retries. Entries whose
+        receipt is stale are skipped, their records untouched. Do not use the
+        deliveries afterwards: whether their receipts stay current until the next
         delivery differs between backends.
         """
 

@@ -568,14 +568,20 @@ class MemoryBroker(BrokerBase):
         data.requeue(entry, now + delay, now)
         data.wake_receivers()
 
-    async def _release(self, deliveries: list[Delivery]) -> None:
+    async def _release(
+        self, deliveries: list[Delivery], records: list[InvocationRecord | None]
+    ) -> None:
         await checkpoint()
         data = self._data
         now = time.monotonic()
-        for delivery in deliveries:
+        for delivery, record in zip(deliveries, records, strict=True):
             entry = data.holding(delivery.invocation_id, delivery.receipt)
             if entry is not None:
                 entry.receipt = None
+                if record is not None:
+                    current = data.record(delivery.invocation_id)
+                    if current is not None and current.status is InvocationStatus.RUNNING:
+                        data.put(delivery.invocation_id, record)
                 # Same seq: a released entry keeps its place at the front of the queue.
                 data.place(entry, now, now)
         data.wake_receivers()

@@ -1015,15 +1015,12 @@ return 1
 """
 )
 
-# ARGV: prefix, new deadline offset (s; '' to make entries due at once), then per
-# delivery: queue, entry id, delivery count. Returns how many receipts were current.
+# ARGV: prefix, new deadline offset (s), then per delivery: queue, entry id, delivery
+# count. Returns how many receipts were current.
 _SET_DEADLINE: Final = (
     _PRELUDE
     + """
-local score = '0'
-if ARGV[2] ~= '' then
-  score = string.format('%d', math.ceil((server_time() + tonumber(ARGV[2])) * 1000))
-end
+local score = string.format('%d', math.ceil((server_time() + tonumber(ARGV[2])) * 1000))
 local changed = 0
 for base = 3, #ARGV, 3 do
   local queue, entry, count = ARGV[base], ARGV[base + 1], ARGV[base + 2]
@@ -1033,6 +1030,35 @@ for base = 3, #ARGV, 3 do
   end
 end
 return changed
+"""
+)
+
+# ARGV: prefix, then per delivery: queue, entry id, delivery count, id, the record
+# waiting again ('' to leave the record) and its status. Returns how many receipts were
+# current.
+_RELEASE: Final = (
+    _PRELUDE
+    + """
+local now = nil
+local released = 0
+for base = 2, #ARGV, 6 do
+  local queue, entry, count = ARGV[base], ARGV[base + 1], ARGV[base + 2]
+  local id, json, status = ARGV[base + 3], ARGV[base + 4], ARGV[base + 5]
+  if held(prefix .. 'q:' .. queue, entry, count) then
+    if json ~= '' then
+      local current = redis.call('GET', prefix .. 'inv:' .. id)
+      if current and record_status(current) == 'running' then
+        now = now or server_time()
+        store_record(id, json, status, '', now, nil, 'running')
+      end
+    end
+    -- Deadline 0: due at once, and first in line (ahead of newer entries).
+    redis.call('ZADD', prefix .. 'inflight:' .. queue, '0', entry)
+    released = released + 1
+  end
+end
+flush_status()
+return released
 """
 )
 
@@ -1189,6 +1215,7 @@ class RedisBroker(BrokerBase):
         self._find_script = self._client.register_script(_FIND_BY_CALL)
         self._ack_script = self._client.register_script(_ACK)
         self._deadline_script = self._client.register_script(_SET_DEADLINE)
+        self._release_script = self._client.register_script(_RELEASE)
         self._retry_script = self._client.register_script(_RETRY)
         self._counts_script = self._client.register_script(_COUNTS)
 
@@ -1409,13 +1436,18 @@ class RedisBroker(BrokerBase):
             f"retry invocation {delivery.invocation_id}", lambda: self._retry_script(args=args)
         )
 
-    async def _release(self, deliveries: list[Delivery]) -> None:
-        receipts = self._receipt_args(deliveries)
-        if receipts:
-            # Deadline 0: due at once, and first in line (ahead of newer entries).
-            args = [self.prefix, "", *receipts]
+    async def _release(
+        self, deliveries: list[Delivery], records: list[InvocationRecord | None]
+    ) -> None:
+        args = [self.prefix]
+        for delivery, record in zip(deliveries, records, strict=True):
+            parsed = _parse_receipt(delivery)
+            if parsed is not None:
+                args += [delivery.queue, *parsed, delivery.invocation_id]
+                args += ["", ""] if record is None else [self._encode(record), record.status.value]
+        if len(args) > 1:
             await self._call(
-                f"release {len(deliveries)} deliveries", lambda: self._deadline_script(args=args)
+                f"release {len(deliveries)} deliveries", lambda: self._release_script(args=args)
             )
 
     async def _watch_final(self) -> AsyncGenerator[set[str], None]:

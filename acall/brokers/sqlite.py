@@ -459,9 +459,23 @@ class SqliteBroker(BrokerBase):
 
         await self._run(op, f"retry invocation {delivery.invocation_id}")
 
-    async def _release(self, deliveries: list[Delivery]) -> None:
+    async def _release(
+        self, deliveries: list[Delivery], records: list[InvocationRecord | None]
+    ) -> None:
+        waiting = [
+            (r.status.value, self._encode(r), r.updated_at, d.invocation_id, d.receipt)
+            for d, r in zip(deliveries, records, strict=True)
+            if r is not None
+        ]
+
         def op(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
+            # Records first, while the receipts still name the deliveries that claimed them.
+            conn.executemany(
+                "UPDATE acall_invocations SET status = ?, record = ?, updated_at = ? "
+                "WHERE id = ? AND receipt = ? AND queued = 1 AND status = 'running'",
+                waiting,
+            )
             # visible_at 0 rather than "now": deliverable at once for every process,
             # whatever its clock says; the unchanged seq keeps the entry's place.
             conn.executemany(
