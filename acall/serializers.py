@@ -344,6 +344,13 @@ _INF: Final = float("inf")
 
 def _enum_envelope(obj: Enum) -> dict[str, Any]:
     cls = type(obj)
+    if isinstance(obj, Flag) and not _within_flag(cls, obj.value):  # type: ignore[arg-type]
+        # Refused here, where the caller can still do something about it, rather than
+        # by loads() on the worker (see _within_flag).
+        raise ValueError(
+            f"{obj!r} has bits outside those of {cls.__qualname__}'s members, and only "
+            "combinations of a Flag's members' bits can be loaded back"
+        )
     return {ENUM_KEY: {"module": cls.__module__, "qualname": cls.__qualname__, "value": obj.value}}
 
 

@@ -9,7 +9,7 @@ import pickle
 import sys
 import types
 from collections.abc import Iterator
-from enum import Enum
+from enum import Enum, IntFlag
 from pathlib import Path
 from typing import Any
 
@@ -577,3 +577,23 @@ def test_text_that_only_mentions_an_envelope_loads_as_it_is(
     ser: JsonSerializer, value: Any
 ) -> None:
     assert ser.loads(ser.dumps(value)) == value
+
+
+class Mode(IntFlag):  # IntFlag keeps any integer (boundary KEEP)
+    READ = 1
+    WRITE = 2
+
+
+def test_flag_values_that_could_not_load_back_are_refused_at_dumps() -> None:
+    """loads() rebuilds a Flag only from its members' bits (each other value would cache
+    a new pseudo-member), so dumps() refuses the others up front: the submitter gets the
+    error, not the worker that would have failed to load the argument."""
+    s = JsonSerializer()
+    both = Mode.READ | Mode.WRITE
+    assert s.loads(s.dumps(both)) is both
+    assert s.loads(s.dumps(Mode(0))) == Mode(0)
+    for value in (Mode(8), Mode(9), [1, {"mode": Mode(4)}]):
+        with pytest.raises(SerializationError, match="outside those of Mode's members"):
+            s.dumps(value)
+        with pytest.raises(SerializationError, match="outside those of Mode's members"):
+            "".join(s.iter_dumps(value))
