@@ -226,4 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CliError, AcallError) as exc:
         print(f"acall: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # The same errors raised inside a task group (the demo's submitters) come
+        # wrapped: the first one says what went wrong.
+        first = _first_leaf(group)
+        if isinstance(first, KeyboardInterrupt):
+            return 130
+        if not isinstance(first, (CliError, AcallError)):
+            raise
+        print(f"acall: error: {first}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -32,6 +32,7 @@ import anyio
 from acall.calls import ConcurrencyMode
 from acall.dto import InvocationStatus
 from acall.errors import AcallError
+from acall.hashing import REFERENCE_PREFIX
 from acall.results import InvocationHandle
 from acall.tasks import App
 from acall.worker import current_invocation
@@ -39,6 +40,9 @@ from acall.worker import current_invocation
 __all__ = ["app", "run_demo"]
 
 app = App("memory://demo", name="demo")
+
+#: A key no value has (the reference of no content): reading it checks the store answers.
+_PROBE_KEY = REFERENCE_PREFIX + "0" * 64
 
 
 class FlakyError(RuntimeError):
@@ -125,19 +129,23 @@ async def run_demo(args: argparse.Namespace) -> None:
     store = args.store or broker
     app.configure(broker=broker, store=store)
     print(f"acall demo — broker {app.broker.url}, store {app.store.url}")
-    worker_log = workdir / "worker.log"
-    worker = _start_worker(broker, store, args.concurrency, worker_log)
-    print(f"  worker process {worker.pid} started (log: {worker_log})")
-    try:
-        async with app:
-            await _submit_and_wait(args)
-    finally:
-        worker.send_signal(signal.SIGTERM)
+    async with app:
+        # An unreachable broker or store fails here, in one line, before any worker
+        # process is started.
+        await app.broker.pending_count("default")
+        await app.store.exists(_PROBE_KEY)
+        worker_log = workdir / "worker.log"
+        worker = _start_worker(broker, store, args.concurrency, worker_log)
+        print(f"  worker process {worker.pid} started (log: {worker_log})")
         try:
-            worker.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+            await _submit_and_wait(args)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     print(f"  worker process exited with status {worker.returncode}")
 
 

@@ -79,6 +79,9 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         (["worker", "worker_app:app", "--broker", "bogus://x"], "unknown"),
         (["worker", "worker_app:app", "--broker", "redis://127.0.0.1:1/0"], "127.0.0.1:1"),
         (["inspect", "0" * 32, "--broker", f"sqlite:///{tmp_path}/empty.db"], "no invocation"),
+        # The demo checks its broker and store before it starts a worker process.
+        (["demo", "--broker", "redis://127.0.0.1:1/0", "--workdir", str(tmp_path)], "broker"),
+        (["demo", "--store", "redis://127.0.0.1:1/0", "--workdir", str(tmp_path)], "store"),
     ]
     for args, needle in cases:
         result = acall_cli(*args)
@@ -88,6 +91,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert lines[0].startswith("acall: error:")
         assert needle in lines[0], (args, lines[0])
         assert "Traceback" not in result.stderr
+        assert "worker process" not in result.stdout, (args, result.stdout)
 
 
 async def test_inspect_shows_an_invocation(tmp_path: Path) -> None:
