@@ -228,12 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BaseExceptionGroup as group:
         # The same errors raised inside a task group (the demo's submitters) come
-        # wrapped: the first one says what went wrong.
-        first = _first_leaf(group)
+        # wrapped. Only a group of nothing else is one line; anything else is a bug.
+        known, rest = group.split((CliError, AcallError, KeyboardInterrupt))
+        if known is None or rest is not None:
+            raise
+        first = _first_leaf(known)
         if isinstance(first, KeyboardInterrupt):
             return 130
-        if not isinstance(first, (CliError, AcallError)):
-            raise
         print(f"acall: error: {first}", file=sys.stderr)
         return 2
     return 0

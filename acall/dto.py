@@ -166,7 +166,9 @@ class InvocationRecord:
     :ivar updated_at: time of the last status change.
     :ivar not_before: earliest time the next attempt may start (retry backoff).
     :ivar timeout: seconds one attempt may run before it is cancelled.
-    :ivar worker_id: the worker that ran (or runs) the latest attempt.
+    :ivar worker_id: the worker that ran (or runs) the latest attempt; ``None`` before
+        the first, and once a worker has handed the invocation back (see
+        :func:`unclaimed`).
     :ivar dedup_key: concurrency-control key under which this invocation was registered.
     :ivar error: why the latest attempt failed.
     :ivar result: the serialized result (inline text or a content reference).
@@ -278,7 +280,7 @@ def claimed(record: InvocationRecord, worker_id: str, now: float) -> InvocationR
 
 
 def unclaimed(record: InvocationRecord, now: float) -> InvocationRecord:
-    """*record* as :func:`claimed` left it, handed back unstarted: waiting again.
+    """*record* as :func:`claimed` left it, handed back without an outcome: waiting again.
 
     The attempt the claim counted is taken back and no worker holds it; the status is
     RETRYING when an earlier attempt left its error, else PENDING (what a claimed record

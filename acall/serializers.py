@@ -876,10 +876,22 @@ def _within_flag(cls: type[Flag], value: Any) -> bool:
     called with, and with the KEEP boundary (IntFlag's) for any integer at all: a
     stream of distinct out-of-range values would grow memory without bound.
     """
-    mask = _CLASS_DICT.__get__(cls).get("_flag_mask_")
-    if not isinstance(mask, int):  # pragma: no cover - every Flag has it on 3.11+
+    namespace = _CLASS_DICT.__get__(cls)
+    mask = namespace.get("_flag_mask_")
+    members = namespace.get("_member_map_")
+    if not isinstance(mask, int) or not isinstance(members, dict):  # pragma: no cover
+        return True  # (every Flag has both on 3.11+)
+    if mask < 0:
+        # A negative member (an alias such as ALL = -1) sets every bit of the class's
+        # mask: only the bits of the other members count.
+        mask = 0
+        for member in members.values():
+            if member._value_ >= 0:
+                mask |= member._value_
+    if isinstance(value, int) and value >= 0 and not value & ~mask:
         return True
-    return isinstance(value, int) and value >= 0 and not value & ~mask
+    # A member defined with a negative value is found as it is.
+    return type(value) is int and any(member._value_ == value for member in members.values())
 
 
 def _instantiate_exception(cls: type[BaseException], args: list[Any], name: str) -> BaseException:

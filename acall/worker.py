@@ -283,42 +283,47 @@ class Worker:
             list(self.queues),
             self.concurrency,
         )
-        async with anyio.create_task_group() as outer:
-            if self.handle_signals:
-                outer.start_soon(self._watch_signals)
-            outer.start_soon(self._heartbeat)
-            collection = self.app.blob_collection if self.collect_blobs else None
-            if collection is not None:
-                app = self.app
-                self.collector = BlobCollector(app.broker, app.store, collection)
-                outer.start_soon(self.collector.run)
-            # The outcome writer outlives the consumers: what they handed over is
-            # recorded even when the grace period ran out.
-            async with anyio.create_task_group() as writing:
-                writing.start_soon(self._outcomes.run)
-                try:
-                    # A fixed pool of consumer tasks fed from a queue: no task is created
-                    # per invocation, and at most `concurrency` entries are ever held.
-                    async with anyio.create_task_group() as work:
-                        for _ in range(self.concurrency):
-                            work.start_soon(self._consume)
-                        self._started.set()
-                        try:
-                            await self._receive_loop()
-                        finally:
-                            if self._queue:  # taken, not started: back to the broker
-                                with anyio.CancelScope(shield=True):
-                                    await self._give_back_waiting()
-                            self._no_more_work = True
-                            while self._idle:
-                                self._wake_one()
-                        await self._drain(work)
-                finally:
-                    self._outcomes.close()
-            outer.cancel_scope.cancel()
-        if self._inflight:  # received but cancelled before they started
-            with anyio.CancelScope(shield=True):
-                await self._give_back_all(list(self._inflight.values()))
+        try:
+            async with anyio.create_task_group() as outer:
+                if self.handle_signals:
+                    outer.start_soon(self._watch_signals)
+                outer.start_soon(self._heartbeat)
+                collection = self.app.blob_collection if self.collect_blobs else None
+                if collection is not None:
+                    app = self.app
+                    self.collector = BlobCollector(app.broker, app.store, collection)
+                    outer.start_soon(self.collector.run)
+                # The outcome writer outlives the consumers: what they handed over is
+                # recorded even when the grace period ran out.
+                async with anyio.create_task_group() as writing:
+                    writing.start_soon(self._outcomes.run)
+                    try:
+                        # A fixed pool of consumer tasks fed from a queue: no task is created
+                        # per invocation, and at most `concurrency` entries are ever held.
+                        async with anyio.create_task_group() as work:
+                            for _ in range(self.concurrency):
+                                work.start_soon(self._consume)
+                            self._started.set()
+                            try:
+                                await self._receive_loop()
+                            finally:
+                                if self._queue:  # taken, not started: back to the broker
+                                    with anyio.CancelScope(shield=True):
+                                        await self._give_back_waiting()
+                                self._no_more_work = True
+                                while self._idle:
+                                    self._wake_one()
+                            await self._drain(work)
+                    finally:
+                        self._outcomes.close()
+                outer.cancel_scope.cancel()
+        finally:
+            # Entries still held: received but cancelled before they started, or, when
+            # the worker itself is cancelled, whose outcome was not recorded yet. Handed
+            # back now, not left hidden until their visibility timeout.
+            if self._inflight:
+                with anyio.CancelScope(shield=True):
+                    await self._give_back_all(list(self._inflight.values()))
         logger.info("worker %s stopped: %s", self.worker_id, self.stats)
 
     async def _consume(self) -> None:
@@ -368,16 +373,16 @@ class Worker:
         self._slot_freed.set()
 
     async def _give_back_all(self, deliveries: list[Delivery]) -> None:
+        self._inflight.clear()  # first: see _give_back
         await self._release(deliveries)
-        self._inflight.clear()
 
     async def _give_back_waiting(self) -> None:
         """Hand back the entries taken but not started (the prefetched ones)."""
         waiting = list(self._queue)
         self._queue.clear()
-        await self._release(waiting)
         for delivery in waiting:
-            self._inflight.pop(delivery.receipt, None)
+            self._inflight.pop(delivery.receipt, None)  # first: see _give_back
+        await self._release(waiting)
         self._slot_freed.set()
 
     async def _release(self, deliveries: list[Delivery]) -> None:
@@ -488,6 +493,10 @@ class Worker:
         # The record waits again with this attempt not counted, in the same step: the
         # invocation was cut short by this worker's shutdown, not by its own doing (a
         # task that keeps outlasting the grace period still meets max_deliveries).
+        # No longer held from here on, before the release is even sent: a heartbeat
+        # meanwhile would extend it, and on Redis a receipt stays current after a
+        # release, so the entry would be hidden again for a whole visibility timeout.
+        self._inflight.pop(delivery.receipt, None)
         try:
             await self.app.broker.release([delivery])
             self.stats.released += 1

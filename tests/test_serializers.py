@@ -582,6 +582,7 @@ def test_text_that_only_mentions_an_envelope_loads_as_it_is(
 class Mode(IntFlag):  # IntFlag keeps any integer (boundary KEEP)
     READ = 1
     WRITE = 2
+    EVERYTHING = -1  # a member all the same, outside the bits of the others
 
 
 def test_flag_values_that_could_not_load_back_are_refused_at_dumps() -> None:
@@ -592,8 +593,15 @@ def test_flag_values_that_could_not_load_back_are_refused_at_dumps() -> None:
     both = Mode.READ | Mode.WRITE
     assert s.loads(s.dumps(both)) is both
     assert s.loads(s.dumps(Mode(0))) == Mode(0)
+    assert s.loads(s.dumps(Mode.EVERYTHING)) is Mode.EVERYTHING
     for value in (Mode(8), Mode(9), [1, {"mode": Mode(4)}]):
         with pytest.raises(SerializationError, match="outside those of Mode's members"):
             s.dumps(value)
         with pytest.raises(SerializationError, match="outside those of Mode's members"):
             "".join(s.iter_dumps(value))
+    # The negative member sets every bit of the class's own mask; loads still takes
+    # only the other members' bits (each new value would cache a pseudo-member).
+    envelope = {"module": __name__, "qualname": "Mode"}
+    for number in (8, 2**70):
+        with pytest.raises(DeserializationError, match="not a member"):
+            s.loads(json.dumps({"__pynenc__enum__": {**envelope, "value": number}}))

@@ -401,3 +401,71 @@ async def test_timeout_error_says_what_timed_out(app: App) -> None:
             await h.result(timeout=5)
 
     await _with_worker(app, body)
+
+
+async def test_a_cancelled_worker_hands_back_outcomes_it_could_not_record(app: App) -> None:
+    """Cancelled from outside (not stopped) while its outcome is being recorded: the
+    entry goes back at once, not after its visibility timeout."""
+    broker = app.broker
+    recording = anyio.Event()
+
+    async def finish_that_hangs(outcomes: Any) -> None:  # a broker that stopped answering
+        recording.set()
+        await anyio.sleep_forever()
+
+    worker = Worker(app, handle_signals=False, poll_wait=0.05, visibility_timeout=30)
+    handle = await wa.add.submit(2, 3)
+    real_finish = broker.finish
+    broker.finish = finish_that_hangs  # type: ignore[method-assign]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                await recording.wait()
+            tg.cancel_scope.cancel()
+    finally:
+        broker.finish = real_finish  # type: ignore[method-assign]
+    assert worker.stats.released == 1
+    record = await broker.get(handle.invocation_id)
+    assert record is not None
+    assert (record.status, record.attempt) == (InvocationStatus.PENDING, 0)
+    again = await broker.receive(["default"], 10, consumer="next", visibility_timeout=30, wait=0)
+    assert [d.invocation_id for d in again] == [handle.invocation_id]
+
+
+@pytest.mark.redis
+async def test_a_released_entry_is_not_extended_by_the_heartbeat(redis_url: str) -> None:
+    """A Redis receipt stays current after a release: a heartbeat between sending the
+    release and its reply must not extend the entry (hidden again for a visibility
+    timeout while its record says pending)."""
+    wa.app.configure(broker=redis_url, store="memory://")
+    async with wa.app:
+        broker = wa.app.broker
+        real_release = broker.release
+
+        async def release_with_a_slow_reply(deliveries: Any) -> None:
+            await real_release(deliveries)
+            await anyio.sleep(1.2)  # the reply is slow: the heartbeat (0.5 s) runs meanwhile
+
+        broker.release = release_with_a_slow_reply  # type: ignore[method-assign]
+        worker = Worker(
+            wa.app,
+            handle_signals=False,
+            poll_wait=0.05,
+            visibility_timeout=1.5,
+            grace_period=0.1,
+            prefetch=0,
+        )
+        handle = await wa.slow_square.submit(3, 30)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):
+                while worker.stats.received < 1:
+                    await anyio.sleep(0.01)
+            worker.stop()
+        broker.release = real_release  # type: ignore[method-assign]
+        assert worker.stats.released == 1
+        assert await handle.status() is InvocationStatus.PENDING
+        again = await broker.receive(["default"], 1, consumer="next", visibility_timeout=30, wait=0)
+        assert [d.invocation_id for d in again] == [handle.invocation_id]
+        await broker.ack(again[0])

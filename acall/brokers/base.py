@@ -252,16 +252,18 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Give entries back at once, unstarted (a worker shutting down).
+        """Give entries back at once, without an outcome (a worker shutting down: the
+        invocation was not started, or was cut short, or its outcome was not recorded).
 
         A released entry keeps its place at the front of its queue and its
         ``delivery_count``. In the same atomic step its record, if still RUNNING, goes
-        back to waiting (:func:`acall.dto.unclaimed`: PENDING, or RETRYING after a
-        failed attempt; the attempt :meth:`receive` counted taken back; no worker), so
-        a worker that stops costs no invocation one of its retries. Entries whose
+        back to waiting: the delivery's own record, as :meth:`receive` claimed it, with
+        :func:`acall.dto.unclaimed` applied (PENDING, or RETRYING after a failed
+        attempt; the attempt :meth:`receive` counted taken back; no worker), so a
+        worker that stops costs no invocation one of its retries. Entries whose
         receipt is stale are skipped, their records untouched. Do not use the
-        deliveries afterwards: whether their receipts stay current until the next
-        delivery differs between backends.
+        deliveries afterwards, not even to extend them: on Redis a receipt stays
+        current until the entry's next delivery.
         """
 
     # -- observation -----------------------------------------------------------------
