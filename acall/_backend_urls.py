@@ -63,7 +63,7 @@ def open_backend(
             raise ConfigurationError(
                 f"malformed memory {what} URL {url!r}: expected memory:// or memory://name"
             )
-        merged = store_options(url, query, options, dict(memory_options))
+        merged = store_options(url, query, options, dict(memory_options), what=what)
         return memory(urllib.parse.unquote(name) or None, **merged)
     if scheme == "sqlite":
         return sqlite(url, **options)

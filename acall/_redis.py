@@ -161,6 +161,8 @@ def url_arguments(
     options: Mapping[str, object],
     converters: Mapping[str, Callable[[str], object]],
     url_forms: str,
+    *,
+    what: str = "store",
 ) -> dict[str, object]:
     """Turn ``redis://[[user]:password@]host[:port][/db][?query]`` (or ``rediss://``)
     into the keyword arguments of a Redis backend's constructor.
@@ -197,7 +199,7 @@ def url_arguments(
         raise ConfigurationError(
             f"Redis URL {shown!r}: the path must be a database number like /0, got {parts.path!r}"
         )
-    merged = store_options(shown, parts.query, options, converters)
+    merged = store_options(shown, parts.query, options, converters, what=what)
     base_url = urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
     query = f"?{parts.query}" if parts.query else ""
     return {

@@ -23,6 +23,7 @@ import random
 import time
 import traceback
 import typing
+import urllib.parse
 from collections.abc import (
     Awaitable,
     Callable,
@@ -33,7 +34,7 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import Any, Generic, ParamSpec, Protocol, Self, TypeVar, overload
+from typing import Any, Final, Generic, ParamSpec, Protocol, Self, TypeVar, overload
 
 import anyio
 import attrs
@@ -321,11 +322,35 @@ class App:
         return await self._results.wait(invocation_id, timeout, None)
 
 
+#: Broker URL options that the store on the same URL takes too (the same SQLite file's
+#: locking, the same Redis server's connection and TLS settings).
+_SHARED_OPTIONS: Final = frozenset(
+    {
+        "lock_timeout",
+        "max_threads",
+        "retries",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "max_connections",
+        "ssl_ca_certs",
+        "ssl_cert_reqs",
+    }
+)
+
+
 def _default_store_url(broker: Broker | str) -> str:
-    """The store URL an app uses when none is given: the broker's, minus its options."""
+    """The store URL an app uses when none is given: the broker's, with the options
+    both take (broker-only ones, such as ``record_ttl`` and ``prefix``, left out)."""
     if isinstance(broker, str):
-        # Query options belong to the broker (record_ttl=...); the store has its own.
-        return broker.partition("?")[0]
+        base, _, query = broker.partition("?")
+        if not base.startswith(("sqlite:", "redis:", "rediss:")):
+            return base
+        shared = [
+            (name, value)
+            for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True)
+            if name in _SHARED_OPTIONS
+        ]
+        return f"{base}?{urllib.parse.urlencode(shared)}" if shared else base
     if broker.url.startswith("memory://"):
         return "memory://"
     raise ConfigurationError(

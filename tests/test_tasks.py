@@ -199,9 +199,27 @@ async def test_exceptions_in_the_app_block_are_not_wrapped() -> None:
             raise KeyError("plain")
 
 
-def test_store_defaults_to_the_broker_url_without_its_options(tmp_path: Any) -> None:
+def test_store_defaults_to_the_broker_url_with_the_options_both_take(tmp_path: Any) -> None:
     app = App(f"sqlite:///{tmp_path}/x.db?record_ttl=60")
     assert app.store.url == f"sqlite:///{tmp_path}/x.db"
+    # Connection and TLS settings reach the store too (a rediss:// server with its own
+    # CA would refuse a store without them); the broker's prefix and record_ttl do not.
+    app = App(
+        "rediss://127.0.0.1:6399/3?prefix=jobs:&record_ttl=60&socket_timeout=7"
+        "&ssl_ca_certs=/etc/ca.pem&retries=2&max_connections=9"
+    )
+    store = app.store
+    assert store.url.startswith("rediss://127.0.0.1:6399/3?")
+    assert store.prefix == "acall:data:"  # type: ignore[attr-defined]
+    for shared in ("socket_timeout=7", "ssl_ca_certs=", "retries=2", "max_connections=9"):
+        assert shared in store.url, (shared, store.url)
+    assert "record_ttl" not in store.url
+    assert "prefix" not in store.url
+
+
+def test_a_bad_broker_option_is_named_as_a_broker_option(tmp_path: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"record_ttl.* in broker URL"):
+        App(f"sqlite:///{tmp_path}/x.db?record_ttl=abc")
 
 
 async def test_a_broker_object_needs_an_explicit_store(tmp_path: Any) -> None:

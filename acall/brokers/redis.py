@@ -1231,7 +1231,7 @@ class RedisBroker(BrokerBase):
             **CONNECTION_OPTIONS,
             "record_ttl": float,
         }
-        arguments = url_arguments(url, options, converters, _URL_FORMS)
+        arguments = url_arguments(url, options, converters, _URL_FORMS, what="broker")
         return cls(**arguments)  # type: ignore[arg-type]
 
     # -- plumbing ---------------------------------------------------------------------------

@@ -173,7 +173,11 @@ class SqliteBroker(BrokerBase):
         """
         path, query = split_url(url, "broker")
         merged = store_options(
-            url, query, options, {"record_ttl": float, "lock_timeout": float, "max_threads": int}
+            url,
+            query,
+            options,
+            {"record_ttl": float, "lock_timeout": float, "max_threads": int},
+            what="broker",
         )
         return cls(path, **merged)  # type: ignore[arg-type]
 

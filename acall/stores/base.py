@@ -355,12 +355,15 @@ def store_options(
     query: str,
     options: Mapping[str, object],
     converters: Mapping[str, Callable[[str], object]],
+    *,
+    what: str = "store",
 ) -> dict[str, object]:
     """Merge a URL's query options with keyword options (keywords win).
 
     Query values are converted with *converters* (keyed by option name); keyword values
-    are passed through for the store's constructor to validate.
+    are passed through for the backend's constructor to validate.
 
+    :param what: "store" or "broker", for messages.
     :raises ConfigurationError: for an unknown, repeated or unconvertible option.
     """
     accepted = ", ".join(sorted(converters)) or "none"
@@ -368,20 +371,20 @@ def store_options(
     for name, raw in urllib.parse.parse_qsl(query, keep_blank_values=True):
         if name not in converters:
             raise ConfigurationError(
-                f"unknown option {name!r} in store URL {url}; accepted options: {accepted}"
+                f"unknown option {name!r} in {what} URL {url}; accepted options: {accepted}"
             )
         if name in merged:
-            raise ConfigurationError(f"option {name!r} is given twice in store URL {url}")
+            raise ConfigurationError(f"option {name!r} is given twice in {what} URL {url}")
         try:
             merged[name] = converters[name](raw)
         except ValueError:
             raise ConfigurationError(
-                f"invalid value {raw!r:.80} for option {name!r} in store URL {url}"
+                f"invalid value {raw!r:.80} for option {name!r} in {what} URL {url}"
             ) from None
     for name, value in options.items():
         if name not in converters:
             raise ConfigurationError(
-                f"unknown option {name!r} for store {url}; accepted options: {accepted}"
+                f"unknown option {name!r} for {what} {url}; accepted options: {accepted}"
             )
         merged[name] = value
     return merged
