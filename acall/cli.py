@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from acall.errors import AcallError
+from acall.hashing import REFERENCE_PREFIX
 from acall.stores.base import KEY_PATTERN
 
 __all__ = ["load_app", "main"]
@@ -61,14 +62,27 @@ def _configure(app: Any, broker: str | None, store: str | None) -> None:
 
 def _app_of(args: argparse.Namespace) -> Any:
     """``--app MODULE:APP`` (with ``--broker`` / ``--store`` applied), or a plain app on
-    ``--broker`` (default ``sqlite:///acall.db``) and ``--store``."""
+    ``--broker`` (default ``sqlite:///acall.db``) and ``--store``, for the commands that
+    read what is there (a SQLite file that does not exist is an error, not created)."""
     from acall.tasks import App
 
     if not args.app:
-        return App(args.broker or "sqlite:///acall.db", args.store)
-    app = load_app(args.app)
-    _configure(app, args.broker, args.store)
+        app = App(args.broker or "sqlite:///acall.db", args.store)
+    else:
+        app = load_app(args.app)
+        _configure(app, args.broker, args.store)
+    for backend in (app.broker, app.store):
+        path = _sqlite_path(backend.url)
+        if path is not None and not os.path.exists(path):
+            raise CliError(f"no database at {path} ({backend.url}): check the path, or --broker")
     return app
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///`` URL, else ``None``."""
+    if not url.startswith("sqlite:///"):
+        return None
+    return url[len("sqlite:///") :].partition("?")[0]
 
 
 async def _run_worker(args: argparse.Namespace) -> None:
@@ -77,8 +91,7 @@ async def _run_worker(args: argparse.Namespace) -> None:
     app = load_app(args.app)
     _configure(app, args.broker, args.store)
     queues = [q for q in args.queues.split(",") if q] if args.queues else None
-    async with app:
-        await app.broker.pending_count("default")  # fail fast when unreachable
+    try:
         worker = Worker(
             app,
             concurrency=args.concurrency,
@@ -88,7 +101,22 @@ async def _run_worker(args: argparse.Namespace) -> None:
             grace_period=args.grace_period,
             collect_blobs=not args.no_collect,
         )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    async with app:
+        await check_reachable(app)
         await worker.run()
+
+
+async def check_reachable(app: Any) -> None:
+    """Fail fast, with the backend's one-line error, when the app's broker or store
+    cannot be reached (rather than at the first invocation that needs it)."""
+    await app.broker.pending_count("default")
+    await app.store.exists(_PROBE_KEY)
+
+
+#: A key no value has (the reference of no content): reading it checks the store answers.
+_PROBE_KEY = REFERENCE_PREFIX + "0" * 64
 
 
 async def _run_inspect(args: argparse.Namespace) -> None:
@@ -106,10 +134,12 @@ async def _run_inspect(args: argparse.Namespace) -> None:
             try:
                 call_id = CallId.from_key(target)
             except InvalidKeyError:
-                raise CliError(f"no invocation with id {target!r} in {app.broker.url}") from None
+                raise CliError(
+                    f"no invocation with id {target!r:.120} in {app.broker.url}"
+                ) from None
             matches = await app.broker.find_by_call(call_id.key)
             if not matches:
-                raise CliError(f"no invocation of call {target!r} in {app.broker.url}")
+                raise CliError(f"no invocation of call {target!r:.120} in {app.broker.url}")
             record = matches[-1]
         doc = DTOCodec().to_dict(record)
         if args.resolve:
@@ -152,7 +182,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acall", description="acall: asyncio-native calls, workers and brokers."
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="logging level (default INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", help="run a worker for MODULE:APP")

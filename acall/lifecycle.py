@@ -97,6 +97,10 @@ class BlobCollection:
         return self.grace / 4
 
 
+#: :attr:`SweepReport.skipped` of a dry run.
+DRY_RUN: Final = "dry run"
+
+
 @attrs.frozen(slots=True)
 class SweepReport:
     """What one sweep found and did.
@@ -126,11 +130,20 @@ class SweepReport:
     skipped: str | None = None
 
     def __str__(self) -> str:
-        text = (
+        found = (
             f"{self.records} records ({self.damaged} damaged), {self.live} live references, "
-            f"{self.blobs} blobs and {self.chunks} chunks stored; deleted {self.deleted_blobs} "
-            f"blobs and {self.deleted_chunks} chunks, kept {self.kept_recent} recently used, "
-            f"in {self.seconds:.2f} s"
+            f"{self.blobs} blobs and {self.chunks} chunks stored"
+        )
+        if self.skipped == DRY_RUN:
+            # (Idle times are not read in a dry run: a sweep keeps the recently used.)
+            return (
+                f"{found}; no record needs {self.deleted_blobs} blobs and "
+                f"{self.deleted_chunks} chunks: a sweep would delete those unused for the "
+                f"grace period; in {self.seconds:.2f} s"
+            )
+        text = (
+            f"{found}; deleted {self.deleted_blobs} blobs and {self.deleted_chunks} chunks, "
+            f"kept {self.kept_recent} recently used, in {self.seconds:.2f} s"
         )
         return text if self.skipped is None else f"{text}; deletion skipped: {self.skipped}"
 
@@ -228,7 +241,7 @@ class BlobCollector:
             )
         if dry_run:
             orphans = [key for ref, keys in chunks.items() if ref not in live for key in keys]
-            return report(len(unneeded), len(orphans), 0, "dry run")
+            return report(len(unneeded), len(orphans), 0, DRY_RUN)
         gone = set(await self._delete_idle(unneeded, deadline))
         present = set(blobs) - gone
         # Chunks go only once their manifest is gone: a manifest touched for reuse keeps

@@ -19,9 +19,11 @@ then cancels what is left and hands those entries back to the broker.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import logging
+import math
 import os
 import random
 import signal
@@ -166,14 +168,16 @@ def _log_for(record: InvocationRecord) -> _InvocationLog:
 _UNREACHABLE: Final = (StoreUnavailableError, BrokerUnavailableError)
 
 
-class _StopRaised(Exception):
-    """A plain task function raised StopIteration or StopAsyncIteration in its thread.
+class _Raised(Exception):
+    """A plain task function raised, in its thread, what cannot come back as itself.
 
-    Passed through a future and a coroutine as itself, it would become "RuntimeError:
-    coroutine raised StopIteration"; wrapped, the worker records the real exception.
+    StopIteration or StopAsyncIteration, passed through a future and a coroutine as
+    itself, would become "RuntimeError: coroutine raised StopIteration"; SystemExit,
+    KeyboardInterrupt or any other BaseException would end the worker. Wrapped, the
+    worker records the real exception as the invocation's failure.
     """
 
-    def __init__(self, original: StopIteration | StopAsyncIteration) -> None:
+    def __init__(self, original: BaseException) -> None:
         super().__init__(repr(original))
         self.original = original
 
@@ -182,7 +186,20 @@ def _invoke_in_thread(task: Task[Any, Any], arguments: dict[str, Any]) -> Any:
     try:
         return task.invoke(arguments)
     except (StopIteration, StopAsyncIteration) as exc:
-        raise _StopRaised(exc) from None
+        raise _Raised(exc) from None
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _Raised(exc) from None
+
+
+def _cancelled_here(exc: BaseException) -> bool:
+    """Whether *exc* is a cancellation of the running task (the worker stopping or
+    cancelled), rather than a CancelledError a task function raised of its own accord."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    current = asyncio.current_task()
+    return current is None or current.cancelling() > 0
 
 
 class Worker:
@@ -223,9 +240,23 @@ class Worker:
         collect_blobs: bool = True,
     ) -> None:
         if concurrency < 1:
-            raise ValueError("concurrency must be >= 1")
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if prefetch is not None and prefetch < 0:
-            raise ValueError("prefetch must be >= 0")
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        for name, seconds, zero_ok in (
+            ("visibility_timeout", visibility_timeout, False),
+            ("grace_period", grace_period, True),
+            ("poll_wait", poll_wait, False),
+        ):
+            # (Checked here, not at the first receive: a worker that cannot receive
+            # would otherwise retry it forever, a warning a second.)
+            if not (math.isfinite(seconds) and (seconds > 0 or (zero_ok and seconds == 0))):
+                raise ValueError(
+                    f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, "
+                    f"got {seconds}"
+                )
         self.app = app
         self.concurrency = concurrency
         self.prefetch = concurrency if prefetch is None else prefetch
@@ -389,6 +420,13 @@ class Worker:
         try:
             await self.app.broker.release(deliveries)
             self.stats.released += len(deliveries)
+        except AcallError as exc:  # (an unreachable broker: one line, as elsewhere)
+            logger.warning(
+                "could not hand back %d entries (%s); they come back after their "
+                "visibility timeout",
+                len(deliveries),
+                exc,
+            )
         except Exception:
             logger.exception("could not hand back %d entries", len(deliveries))
 
@@ -497,11 +535,7 @@ class Worker:
         # meanwhile would extend it, and on Redis a receipt stays current after a
         # release, so the entry would be hidden again for a whole visibility timeout.
         self._inflight.pop(delivery.receipt, None)
-        try:
-            await self.app.broker.release([delivery])
-            self.stats.released += 1
-        except Exception:
-            logger.exception("invocation %s: could not hand it back", delivery.invocation_id)
+        await self._release([delivery])
 
     async def _run_delivery(self, delivery: Delivery) -> bool:
         """Run one delivery; True if its outcome went to the outcome writer."""
@@ -563,14 +597,19 @@ class Worker:
                     serialized = await codec.encode(value, name="<result>")
                 except _UNREACHABLE as exc:
                     raise _Unreachable(exc) from exc
-        except anyio.get_cancelled_exc_class():
-            raise
         except _Unreachable as exc:
             await self._postpone(delivery, running, exc.error)
             return False
-        except _StopRaised as exc:
+        except _Raised as exc:
             return await self._failed(delivery, running, task, exc.original)
         except Exception as exc:
+            return await self._failed(delivery, running, task, exc)
+        except BaseException as exc:
+            if _cancelled_here(exc):
+                raise
+            # From the task's own code (sys.exit(), KeyboardInterrupt, a CancelledError
+            # raised with nothing cancelled): the invocation's failure, not the
+            # worker's end, which would only hand the invocation to the next worker.
             return await self._failed(delivery, running, task, exc)
         self._outcomes.post(delivery, succeeded(running, serialized, time.time()))
         if verbose:
@@ -641,7 +680,7 @@ class Worker:
         delivery: Delivery,
         record: InvocationRecord,
         task: Task[Any, Any] | None,
-        exc: Exception,
+        exc: BaseException,
     ) -> bool:
         """Retry or fail the invocation; True if its outcome went to the outcome writer."""
         info = error_info(self.app.serializer, exc)

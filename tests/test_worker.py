@@ -112,6 +112,49 @@ async def test_stop_iteration_comes_back_as_a_remote_task_error(app: App) -> Non
     await _with_worker(app, body)
 
 
+async def test_a_task_raising_what_is_not_an_exception_fails_alone(app: App) -> None:
+    """sys.exit(), KeyboardInterrupt or a CancelledError raised by a task's own code is
+    that invocation's failure: the worker goes on (ending it would only pass the
+    invocation to the next worker, and the next)."""
+    import asyncio
+    import sys
+
+    @app.task(name="raises_base")
+    async def raises_base(kind: str) -> None:
+        if kind == "cancelled":
+            raise asyncio.CancelledError()
+        if kind == "exit":
+            sys.exit(3)
+        raise KeyboardInterrupt
+
+    @app.task(name="raises_base_in_a_thread")
+    def raises_base_in_a_thread(kind: str) -> None:
+        if kind == "exit":
+            sys.exit(4)
+        raise KeyboardInterrupt
+
+    async def body() -> None:
+        handles = [
+            (await raises_base.submit("cancelled"), "CancelledError"),
+            (await raises_base.submit("exit"), "SystemExit"),
+            (await raises_base.submit("interrupt"), "KeyboardInterrupt"),
+            (await raises_base_in_a_thread.submit("exit"), "SystemExit"),
+            (await raises_base_in_a_thread.submit("interrupt"), "KeyboardInterrupt"),
+        ]
+        for handle, name in handles:
+            with pytest.raises(RemoteTaskError, match=name):
+                await handle.result(timeout=5)
+            record = await handle.record()
+            assert record.status is InvocationStatus.FAILED
+            assert record.error is not None
+            assert record.error.type_name.endswith(name)
+        assert await (await wa.add.submit(1, 2)).result(timeout=5) == 3  # still working
+
+    worker = await _with_worker(app, body)
+    assert (worker.stats.failed, worker.stats.released) == (5, 0)
+    del app.tasks[raises_base.key], app.tasks[raises_base_in_a_thread.key]
+
+
 async def test_retries_until_success(app: App) -> None:
     async def body() -> None:
         h = await wa.flaky.submit(3)

@@ -78,7 +78,21 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         (["worker", "worker_app"], "expected MODULE:APP"),
         (["worker", "worker_app:app", "--broker", "bogus://x"], "unknown"),
         (["worker", "worker_app:app", "--broker", "redis://127.0.0.1:1/0"], "127.0.0.1:1"),
-        (["inspect", "0" * 32, "--broker", f"sqlite:///{tmp_path}/empty.db"], "no invocation"),
+        (["inspect", "0" * 32, "--broker", f"sqlite:///{tmp_path}/missing.db"], "no database"),
+        (["worker", "worker_app:app", "--concurrency", "0"], "concurrency must be >= 1"),
+        (["worker", "worker_app:app", "--visibility-timeout", "0"], "visibility_timeout"),
+        (["worker", "worker_app:app", "--grace-period", "nan"], "grace_period"),
+        (
+            [
+                "worker",
+                "worker_app:app",
+                "--broker",
+                f"sqlite:///{tmp_path}/w.db",
+                "--store",
+                "redis://127.0.0.1:1/0",
+            ],
+            "store",
+        ),
         # The demo checks its broker and store before it starts a worker process.
         (["demo", "--broker", "redis://127.0.0.1:1/0", "--workdir", str(tmp_path)], "broker"),
         (["demo", "--store", "redis://127.0.0.1:1/0", "--workdir", str(tmp_path)], "store"),
@@ -92,6 +106,11 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert needle in lines[0], (args, lines[0])
         assert "Traceback" not in result.stderr
         assert "worker process" not in result.stdout, (args, result.stdout)
+    assert not (tmp_path / "missing.db").exists()  # inspect reads; it creates nothing
+    bad_level = acall_cli("--log-level", "loud", "worker", "worker_app:app")
+    assert bad_level.returncode == 2
+    assert "invalid choice: 'LOUD'" in bad_level.stderr
+    assert "Traceback" not in bad_level.stderr
 
 
 async def test_inspect_shows_an_invocation(tmp_path: Path) -> None:
