@@ -44,6 +44,11 @@ def load_app(spec: str) -> Any:
             f"cannot import module {module_name!r}: {exc} (run from the project directory "
             "or set PYTHONPATH)"
         ) from None
+    except Exception as exc:  # the module's own code failed (a SyntaxError included)
+        raise CliError(
+            f"importing module {module_name!r} failed: {type(exc).__name__}: {exc} "
+            f"(python -c 'import {module_name}' shows the traceback)"
+        ) from None
     app = getattr(module, attr, None)
     if not isinstance(app, App):
         found = "nothing" if app is None else type(app).__name__
@@ -249,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "worker":
             anyio.run(_run_worker, args)
+            _exit_past_abandoned_threads()
         elif args.command == "demo":
             from acall.demo import run_demo
 
@@ -274,6 +280,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"acall: error: {first}", file=sys.stderr)
         return 2
     return 0
+
+
+def _exit_past_abandoned_threads() -> None:
+    """End the process now if task threads are still running after the worker stopped.
+
+    A plain task function cannot be interrupted: past the grace period its thread is
+    abandoned and its invocation handed back for another worker. Waiting for such
+    threads at exit would keep a stopped worker alive (and running that invocation
+    twice at once) for as long as they take.
+    """
+    import threading
+
+    waited_for = [t for t in threading.enumerate() if not t.daemon and t.is_alive()]
+    waited_for = [t for t in waited_for if t is not threading.main_thread()]
+    if waited_for:
+        logging.getLogger("acall.worker").warning(
+            "exiting with %d task threads still running; their invocations were handed back",
+            len(waited_for),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -59,6 +59,7 @@ class WorkerProcess:
         concurrency: int = 8,
         visibility_timeout: float = 1.5,
         log_level: str = "WARNING",
+        grace_period: float | None = None,
     ) -> None:
         self.log_path = log_dir / f"worker-{time.monotonic_ns()}.log"
         command = [sys.executable, "-m", "acall", "--log-level", log_level, "worker", app]
@@ -66,6 +67,8 @@ class WorkerProcess:
         command += ["--visibility-timeout", str(visibility_timeout)]
         if store is not None:
             command += ["--store", store]
+        if grace_period is not None:
+            command += ["--grace-period", str(grace_period)]
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(command, env=env(), stdout=log, stderr=subprocess.STDOUT)
 

@@ -71,10 +71,29 @@ async def test_sigterm_lets_running_invocations_finish(app: App, workers: Worker
     assert statuses == {InvocationStatus.SUCCESS}
 
 
+async def test_sigterm_past_the_grace_period_ends_a_worker_whose_thread_is_stuck(
+    app: App, workers: WorkerPool, tmp_path: Path
+) -> None:
+    """A plain function cannot be interrupted: once the grace period is over its
+    invocation is handed back, and the process exits without waiting for the thread
+    (which would keep a stopped worker alive, the invocation running twice at once)."""
+    handle = await wa.logged_sync.submit(1, 120, str(tmp_path / "runs.log"))
+    worker = workers.start(grace_period=0.5)
+    with anyio.fail_after(30):
+        while (await handle.status()) is not InvocationStatus.RUNNING:
+            await anyio.sleep(0.02)
+    started = time.monotonic()
+    assert worker.terminate() == 0, worker.output()
+    assert time.monotonic() - started < 20
+    assert "task threads still running" in worker.output()
+    assert await handle.status() is InvocationStatus.PENDING
+
+
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     cases = [
         (["worker", "no_such_module_xyz:app"], "cannot import module"),
         (["worker", "worker_app:missing"], "is not an acall App"),
+        (["worker", "broken_app:app"], "importing module 'broken_app' failed: RuntimeError"),
         (["worker", "worker_app"], "expected MODULE:APP"),
         (["worker", "worker_app:app", "--broker", "bogus://x"], "unknown"),
         (["worker", "worker_app:app", "--broker", "redis://127.0.0.1:1/0"], "127.0.0.1:1"),
