@@ -12,12 +12,13 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import anyio
 
-from acall.errors import AcallError
+from acall.errors import AcallError, StoreUnavailableError
 from acall.hashing import REFERENCE_PREFIX
 from acall.stores.base import KEY_PATTERN
 
@@ -109,7 +110,16 @@ async def _run_worker(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     async with app:
-        await check_reachable(app)
+        await app.broker.pending_count("default")  # fail fast when unreachable
+        try:
+            await app.store.exists(_PROBE_KEY)
+        except StoreUnavailableError as exc:
+            # Not fatal: invocations that need the store wait for it (the worker puts
+            # them back in their queue), so a worker may start during a store outage.
+            # A misconfigured store (a bad path or option) fails before this.
+            logging.getLogger("acall.worker").warning(
+                "%s; invocations with offloaded values will wait until it answers", exc
+            )
         await worker.run()
 
 
@@ -292,8 +302,13 @@ def _exit_past_abandoned_threads() -> None:
     """
     import threading
 
-    waited_for = [t for t in threading.enumerate() if not t.daemon and t.is_alive()]
-    waited_for = [t for t in waited_for if t is not threading.main_thread()]
+    main = threading.main_thread()
+    waited_for = [t for t in threading.enumerate() if not t.daemon and t is not main]
+    # Idle pool threads end on their own once the event loop has closed: a moment.
+    deadline = time.monotonic() + 2.0
+    for thread in waited_for:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    waited_for = [t for t in waited_for if t.is_alive()]
     if waited_for:
         logging.getLogger("acall.worker").warning(
             "exiting with %d task threads still running; their invocations were handed back",

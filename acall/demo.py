@@ -12,6 +12,11 @@ process, then submits, from this process:
 
 It shows progress while the worker runs them and ends with a summary: invocations by
 status, bytes inline vs offloaded, dedup hits and throughput. Every result is checked.
+
+The worker is stopped whatever happens: the demo finishing, failing, or receiving
+SIGTERM or SIGINT (it then exits with status 128 + the signal number). A worker that
+exits early ends the demo with one error quoting its log; a broker unreachable for a
+while (a Redis restart) pauses the progress display without ending the demo.
 """
 
 from __future__ import annotations
@@ -24,15 +29,16 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 
 from acall.calls import ConcurrencyMode
+from acall.cli import check_reachable
 from acall.dto import InvocationStatus
-from acall.errors import AcallError
-from acall.hashing import REFERENCE_PREFIX
+from acall.errors import AcallError, BrokerUnavailableError, ConfigurationError
 from acall.results import InvocationHandle
 from acall.tasks import App
 from acall.worker import current_invocation
@@ -40,9 +46,6 @@ from acall.worker import current_invocation
 __all__ = ["app", "run_demo"]
 
 app = App("memory://demo", name="demo")
-
-#: A key no value has (the reference of no content): reading it checks the store answers.
-_PROBE_KEY = REFERENCE_PREFIX + "0" * 64
 
 
 class FlakyError(RuntimeError):
@@ -92,16 +95,36 @@ def _print(line: str, *, same_line: bool = False) -> None:
 
 
 async def _progress(total: int, started: float, stop: anyio.Event) -> None:
-    while not stop.is_set():
-        counts = await app.broker.counts()
-        done = counts.get(InvocationStatus.SUCCESS, 0) + counts.get(InvocationStatus.FAILED, 0)
-        rate = done / max(1e-9, time.perf_counter() - started)
-        parts = ", ".join(f"{s.value} {n}" for s, n in sorted(counts.items()) if n)
-        _print(f"  progress: {done}/{total} finished ({rate:,.0f}/s) — {parts}", same_line=True)
-        with anyio.move_on_after(0.5):
-            await stop.wait()
-    if sys.stdout.isatty():
-        print()
+    unreachable = False
+    try:
+        while not stop.is_set():
+            try:
+                counts = await app.broker.counts()
+            except BrokerUnavailableError as exc:
+                # A Redis restart, say: results are still awaited (their watcher
+                # retries), so only say so, once per outage, and keep polling.
+                if not unreachable:
+                    line = f"  progress: broker unreachable ({_first_line(exc)}); waiting"
+                    _print(line, same_line=True)
+                unreachable = True
+            else:
+                unreachable = False
+                done = counts.get(InvocationStatus.SUCCESS, 0)
+                done += counts.get(InvocationStatus.FAILED, 0)
+                rate = done / max(1e-9, time.perf_counter() - started)
+                parts = ", ".join(f"{s.value} {n}" for s, n in sorted(counts.items()) if n)
+                line = f"  progress: {done}/{total} finished ({rate:,.0f}/s) — {parts}"
+                _print(line, same_line=True)
+            with anyio.move_on_after(0.5):
+                await stop.wait()
+    finally:  # cancelled too (a signal, the worker gone): end the progress line
+        if sys.stdout.isatty():
+            print(flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _start_worker(
@@ -112,41 +135,171 @@ def _start_worker(
         "--broker", broker, "--store", store, "--concurrency", str(concurrency),
         "--grace-period", "5",
     ]  # fmt: skip
-    log = log_path.open("wb")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with log_path.open("wb") as log:  # the child has its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def _exited(worker: subprocess.Popen[bytes], *, interval: float) -> None:
+    """Return once *worker* has exited (polled: a Popen has no awaitable wait)."""
+    while True:
+        if worker.poll() is not None:
+            return
+        await anyio.sleep(interval)
+
+
+async def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the worker (it drains for its 5 s grace period); SIGKILL it after 15 s."""
+    with anyio.CancelScope(shield=True):
+        if worker.poll() is not None:
+            return
+        worker.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(15):
+            await _exited(worker, interval=0.05)
+        if worker.poll() is None:
+            worker.kill()
+            await anyio.to_thread.run_sync(worker.wait)
+
+
+def _exit_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"status {returncode}"
+
+
+def _last_log_line(log_path: Path) -> str:
+    """The last non-empty line of the worker's log (shortened), or why there is none."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(0, 2)
+            log.seek(max(0, log.tell() - 65536))
+            tail = log.read().decode(errors="replace")
+    except OSError as exc:
+        return f"its log {log_path} cannot be read ({exc.strerror or exc})"
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    if not lines:
+        return f"its log {log_path} is empty"
+    last = lines[-1] if len(lines[-1]) <= 300 else lines[-1][:297] + "..."
+    return f"last line of its log: {last!r} (full log: {log_path})"
+
+
+def _worker_exited_error(worker: subprocess.Popen[bytes], log_path: Path) -> AcallError:
+    status = _exit_status(worker.returncode)
+    return AcallError(
+        f"the demo's worker process {worker.pid} exited early ({status}), so the demo "
+        f"cannot finish; {_last_log_line(log_path)}"
+    )
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, options the demo cannot run with."""
+    for option, url in (("--broker", args.broker), ("--store", args.store)):
+        if url is not None and url.partition("://")[0].strip().lower() == "memory":
+            raise ConfigurationError(
+                f"{option} {url!r}: the demo's worker runs in another process, which "
+                "cannot see an in-process memory:// backend (the demo would wait forever); "
+                f"omit {option} for the default SQLite file in --workdir, or give a "
+                "redis:// URL"
+            )
+    if args.concurrency < 1:
+        raise ConfigurationError(f"--concurrency must be 1 or more, got {args.concurrency}")
+    if args.small < 0:
+        raise ConfigurationError(f"--small must be 0 or more, got {args.small}")
 
 
 def _workdir(given: str | None) -> Path:
-    workdir = Path(given or tempfile.mkdtemp(prefix="acall-demo-")).resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    return workdir
+    """The demo's directory (created if need be), checked to be one it can write to."""
+    path = Path(given) if given is not None else None
+    try:
+        if path is None:
+            path = Path(tempfile.mkdtemp(prefix="acall-demo-"))
+        path = path.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass  # the SQLite file and the worker log go here
+    except OSError as exc:
+        where = path if path is not None else Path(tempfile.gettempdir())
+        if where.exists() and not where.is_dir():
+            reason = "it is an existing file, not a directory"
+        else:
+            reason = f"{exc.strerror or exc}" + (
+                f": {exc.filename}" if exc.filename and str(exc.filename) != str(where) else ""
+            )
+        option = "--workdir" if given is not None else "the temporary directory"
+        raise ConfigurationError(
+            f"{option} {str(where)!r} cannot hold the demo's files ({reason}); give "
+            "--workdir a directory the demo can create or write to"
+        ) from None
+    return path
 
 
 async def run_demo(args: argparse.Namespace) -> None:
     """Run the demo described in the module docstring."""
+    _check_options(args)
     workdir = _workdir(args.workdir)
     broker = args.broker or f"sqlite:///{workdir}/acall-demo.db"
     store = args.store or broker
     app.configure(broker=broker, store=store)
-    print(f"acall demo — broker {app.broker.url}, store {app.store.url}")
+    print(f"acall demo — broker {app.broker.url}, store {app.store.url}", flush=True)
     async with app:
         # An unreachable broker or store fails here, in one line, before any worker
         # process is started.
-        await app.broker.pending_count("default")
-        await app.store.exists(_PROBE_KEY)
+        await check_reachable(app)
         worker_log = workdir / "worker.log"
-        worker = _start_worker(broker, store, args.concurrency, worker_log)
-        print(f"  worker process {worker.pid} started (log: {worker_log})")
-        try:
-            await _submit_and_wait(args)
-        finally:
-            worker.send_signal(signal.SIGTERM)
+        # Listening before the worker starts: from then on SIGTERM or SIGINT must not
+        # end this process without stopping the worker (it would outlive the demo).
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            worker = _start_worker(broker, store, args.concurrency, worker_log)
+            print(f"  worker process {worker.pid} started (log: {worker_log})", flush=True)
             try:
-                worker.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
-    print(f"  worker process exited with status {worker.returncode}")
+                received = await _supervised(args, worker, worker_log, signals)
+            finally:
+                await _stop_worker(worker)
+    print(f"  worker process exited with {_exit_status(worker.returncode)}", flush=True)
+    if received is not None:
+        name = signal.Signals(received).name
+        print(f"acall: demo interrupted by {name}; its worker was stopped", file=sys.stderr)
+        raise SystemExit(128 + received)
+
+
+async def _supervised(
+    args: argparse.Namespace,
+    worker: subprocess.Popen[bytes],
+    worker_log: Path,
+    signals: AsyncIterator[int],
+) -> int | None:
+    """Submit and wait, unless a signal arrives (returned) or the worker exits first
+    (raised as an error)."""
+    received: int | None = None
+    worker_gone = False
+    completed = False
+    async with anyio.create_task_group() as tg:
+
+        async def on_signal() -> None:
+            nonlocal received
+            async for signum in signals:
+                received = signum
+                tg.cancel_scope.cancel()
+                return
+
+        async def watch_worker() -> None:
+            nonlocal worker_gone
+            await _exited(worker, interval=0.2)
+            worker_gone = True
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signal)
+        tg.start_soon(watch_worker)
+        await _submit_and_wait(args)
+        completed = True
+        tg.cancel_scope.cancel()
+    if received is not None:
+        return received
+    if worker_gone and not completed:
+        raise _worker_exited_error(worker, worker_log)
+    return None
 
 
 async def _submit_and_wait(args: argparse.Namespace) -> None:
@@ -185,7 +338,8 @@ async def _submit_and_wait(args: argparse.Namespace) -> None:
     unique = len({h.invocation_id for _, h, _ in handles})
     print(
         f"  submitted {len(handles)} calls ({unique} invocations, {dedup_hits} deduplicated) "
-        f"in {submitted - started:.2f} s"
+        f"in {submitted - started:.2f} s",
+        flush=True,
     )
 
     stop = anyio.Event()
@@ -211,13 +365,14 @@ async def _submit_and_wait(args: argparse.Namespace) -> None:
         stop.set()
     elapsed = time.perf_counter() - started
 
-    counts = await app.broker.counts()
+    try:
+        counts = await app.broker.counts()
+        by_status = ", ".join(f"{s.value} {n}" for s, n in sorted(counts.items()) if n)
+    except BrokerUnavailableError as exc:
+        by_status = f"unknown (broker unreachable: {_first_line(exc)})"
     stats = app.codec.stats
     print("summary")
-    print(
-        "  invocations by status: "
-        + ", ".join(f"{s.value} {n}" for s, n in sorted(counts.items()) if n)
-    )
+    print(f"  invocations by status: {by_status}")
     print("  results checked:       " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     print(f"  bytes inline:          {stats['inline_chars']:,} (serialized characters)")
     print(

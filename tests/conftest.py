@@ -43,6 +43,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def persistent_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """A redis-server of the requesting test alone that keeps every acknowledged write
+    on disk, so it can be killed and restarted (``redis_server`` skips the test, or
+    fails it under CI, without the binary)."""
+    with RedisServer(executable=redis_server.executable, databases=1, persistent=True) as server:
+        yield server
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A URL of a Redis database that is empty when the test starts."""
     # The server may have been stopped or restarted by a fault test.

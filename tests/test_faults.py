@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,6 @@ from acall.testing import RedisServer
 from acall.worker import Worker
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def persistent_redis(redis_server: RedisServer) -> Iterator[RedisServer]:
-    """A redis-server of this test alone that keeps every acknowledged write on disk."""
-    with RedisServer(executable=redis_server.executable, databases=1, persistent=True) as server:
-        yield server
 
 
 def _expected(record: InvocationRecord) -> int:

@@ -108,7 +108,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
                 "--broker",
                 f"sqlite:///{tmp_path}/w.db",
                 "--store",
-                "redis://127.0.0.1:1/0",
+                f"sqlite:///{tmp_path}/no/such/dir/s.db",
             ],
             "store",
         ),
