@@ -311,7 +311,8 @@ def _exit_past_abandoned_threads() -> None:
     waited_for = [t for t in waited_for if t.is_alive()]
     if waited_for:
         logging.getLogger("acall.worker").warning(
-            "exiting with %d task threads still running; their invocations were handed back",
+            "exiting with %d threads still running (task functions past the grace period: "
+            "their invocations were handed back)",
             len(waited_for),
         )
         logging.shutdown()

@@ -85,7 +85,7 @@ async def test_sigterm_past_the_grace_period_ends_a_worker_whose_thread_is_stuck
     started = time.monotonic()
     assert worker.terminate() == 0, worker.output()
     assert time.monotonic() - started < 20
-    assert "task threads still running" in worker.output()
+    assert "threads still running (task functions past the grace period" in worker.output()
     assert await handle.status() is InvocationStatus.PENDING
 
 
