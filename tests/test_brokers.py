@@ -1098,6 +1098,9 @@ def test_redis_url_options() -> None:
     assert isinstance(default, RedisBroker)
     assert (default.prefix, default.record_ttl) == ("acall:b:", None)
     assert open_broker("redis://h").record_ttl == 7 * 24 * 3600  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="max_connections >= 2"):
+        open_broker("redis://h/0?max_connections=1")
+    assert open_broker("redis://h/0?max_connections=2").url.endswith("max_connections=2")
 
 
 def test_bad_urls_are_configuration_errors() -> None:

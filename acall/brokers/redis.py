@@ -89,7 +89,7 @@ from acall._redis import (
 from acall.brokers._common import DEFAULT_RECORD_TTL, BrokerBase
 from acall.brokers.base import Delivery, ScannedRecord, make_delivery
 from acall.dto import InvocationRecord, InvocationStatus
-from acall.errors import BrokerError, BrokerUnavailableError
+from acall.errors import BrokerError, BrokerUnavailableError, ConfigurationError
 from acall.stores.base import KEY_PATTERN, validate_ttl
 
 __all__ = ["CONSUMER_GROUP", "DEFAULT_PREFIX", "RedisBroker"]
@@ -1172,6 +1172,13 @@ class RedisBroker(BrokerBase):
             socket_connect_timeout=socket_connect_timeout,
             ssl_cert_reqs=ssl_cert_reqs,
         )
+        if max_connections < 2:
+            # With one, a worker's waiting receive() would hold it and no outcome could
+            # ever be recorded (nor a result watched beside a submission).
+            raise ConfigurationError(
+                "a Redis broker needs max_connections >= 2 (a waiting receive() and a "
+                f"result watcher each hold a connection while they wait), got {max_connections}"
+            )
         super().__init__(
             shown_url(
                 url, ssl=ssl, username=username, password=password, host=host, port=port, db=db
