@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 
+from acall._sqlite import split_url
 from acall.errors import AcallError, StoreUnavailableError
 from acall.hashing import REFERENCE_PREFIX
 from acall.stores.base import KEY_PATTERN
@@ -78,17 +79,13 @@ def _app_of(args: argparse.Namespace) -> Any:
         app = load_app(args.app)
         _configure(app, args.broker, args.store)
     for backend in (app.broker, app.store):
-        path = _sqlite_path(backend.url)
-        if path is not None and not os.path.exists(path):
-            raise CliError(f"no database at {path} ({backend.url}): check the path, or --broker")
+        if backend.url.startswith("sqlite:"):
+            path, _ = split_url(backend.url, "database")
+            if not os.path.exists(path):
+                raise CliError(
+                    f"no database at {path} ({backend.url}): check the path, or --broker"
+                )
     return app
-
-
-def _sqlite_path(url: str) -> str | None:
-    """The file of a ``sqlite:///`` URL, else ``None``."""
-    if not url.startswith("sqlite:///"):
-        return None
-    return url[len("sqlite:///") :].partition("?")[0]
 
 
 async def _run_worker(args: argparse.Namespace) -> None:
@@ -110,24 +107,28 @@ async def _run_worker(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     async with app:
-        await app.broker.pending_count("default")  # fail fast when unreachable
-        try:
-            await app.store.exists(_PROBE_KEY)
-        except StoreUnavailableError as exc:
-            # Not fatal: invocations that need the store wait for it (the worker puts
-            # them back in their queue), so a worker may start during a store outage.
-            # A misconfigured store (a bad path or option) fails before this.
-            logging.getLogger("acall.worker").warning(
-                "%s; invocations with offloaded values will wait until it answers", exc
-            )
+        # A worker may start during a store outage: invocations that need the store
+        # wait for it (the worker puts them back in their queue).
+        await check_reachable(app, store_outage_ok=True)
         await worker.run()
 
 
-async def check_reachable(app: Any) -> None:
+async def check_reachable(app: Any, *, store_outage_ok: bool = False) -> None:
     """Fail fast, with the backend's one-line error, when the app's broker or store
-    cannot be reached (rather than at the first invocation that needs it)."""
+    cannot be reached (rather than at the first invocation that needs it).
+
+    :param store_outage_ok: only warn when the store does not answer. A misconfigured
+        store (a bad path or option) fails all the same.
+    """
     await app.broker.pending_count("default")
-    await app.store.exists(_PROBE_KEY)
+    try:
+        await app.store.exists(_PROBE_KEY)
+    except StoreUnavailableError as exc:
+        if not store_outage_ok:
+            raise
+        logging.getLogger("acall.worker").warning(
+            "%s; invocations with offloaded values will wait until it answers", exc
+        )
 
 
 #: A key no value has (the reference of no content): reading it checks the store answers.
